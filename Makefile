@@ -1,0 +1,48 @@
+# make demo | make demo DATA=path/to/images | make test   (see README.md)
+PY := .venv/bin/python
+STAMP := .venv/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
+
+DATA ?=
+ifeq ($(strip $(DATA)),)
+# Offline default: sklearn's handwritten digits as an ImageFolder, DenseNet121 from scratch at 32 px.
+TRAIN_ARGS ?= --image-size 32 --epochs 6 --batch-size 64 --lr 2e-3 --weight-decay 0.05 --label-smoothing 0.1
+else
+# Your photos, from scratch on CPU (no pretrained weights reachable offline): DenseNet121 at 64 px.
+# With cached ImageNet weights use e.g. TRAIN_ARGS="--weights DEFAULT --image-size 224 --epochs 5".
+TRAIN_ARGS ?= --image-size 64 --epochs 38 --batch-size 32 --lr 2e-3 --weight-decay 0.05 \
+  --lr-warmup-epochs 2 --label-smoothing 0.1 --workers 1 --max-train-minutes 27
+endif
+MODEL ?= $(notdir $(patsubst %/,%,$(if $(strip $(DATA)),$(DATA),digits)))
+export DATA MODEL TRAIN_ARGS ARCHIVE_ARGS
+
+.PHONY: setup java demo test test-unit serve stop clean
+
+setup: $(STAMP) java
+
+$(STAMP): requirements.txt
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q -r requirements.txt
+	rm -f .venv/.installed-*
+	touch $@
+
+java:
+	@bash scripts/ensure_java.sh
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest
+
+test-unit: setup
+	$(PY) -m pytest -m unit
+
+serve: setup
+	$(PY) scripts/serve.py start --models $(MODEL)=$(MODEL).mar
+
+stop:
+	$(PY) scripts/serve.py stop
+
+clean:
+	rm -rf runs data/digits logs model_store/*.mar

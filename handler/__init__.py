@@ -1,0 +1,1 @@
+"""TorchServe handler package. Inside a .mar the files are imported flat instead."""

@@ -1,0 +1,143 @@
+"""TorchServe handler: image bytes in, top-k labels with probabilities out.
+
+Packaged in the model archive with ``preprocessing.py``, ``postprocessing.py``, ``models.py``
+(from ``training/``), ``index_to_name.json`` and ``model-config.yaml``; the archive's files
+sit flat on ``sys.path`` in the worker, hence the flat imports.
+
+Request forms (one image per request; TorchServe's dynamic batching groups requests):
+  * raw body: ``curl -T img.jpg`` or ``--data-binary @img.jpg -H "Content-Type: image/jpeg"``
+  * multipart: ``curl -F data=@img.jpg [-F topk=3]``
+  * JSON: ``{"data": "<base64>", "topk": 3}`` with ``Content-Type: application/json``
+  * ``POST /invocations?model_name=<m>&topk=3`` (the only route whose query string
+    TorchServe 0.12 forwards to the handler)
+
+Answer per image: ``[{"label", "index", "probability"}, ...]`` sorted by probability,
+``min(topk, classes)`` records. A bad request gets a 4xx JSON body ``{"code", "type",
+"message"}`` for that request alone; the other requests of its batch are answered normally.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from http import HTTPStatus
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from models import build_model
+from payload import Batch, InternalError, parse_request, parse_topk
+from postprocessing import topk_records
+from preprocessing import ClientError, EvalTransform
+
+logger = logging.getLogger(__name__)
+
+class ImageClassifierHandler(BaseHandler):
+    """Batched top-k image classification for a torchvision model trained by ``training/``.
+
+    Handler settings come from the ``handler:`` section of ``model-config.yaml``:
+        preprocessing: ``EvalTransform`` settings (crop_size, resize_size, mean, std,
+            interpolation), written by the archive step from the checkpoint. Required.
+        topk: default k (int >= 1). Default 5.
+        num_threads: torch intra-op threads per worker (0: leave torch's default).
+    """
+
+    def initialize(self, context):
+        """Loads the model, labels and settings. Fails fast on anything missing.
+
+        Replaces ``BaseHandler``'s model loading: the serialized file is a weights-only
+        ``torch.save`` dict (``arch``, ``num_classes``, ``head``, ``state_dict``) that
+        ``torch.load(weights_only=True)`` reads without unpickling code.
+
+        Raises:
+            FileNotFoundError: serialized file or ``index_to_name.json`` missing.
+            ValueError: missing/invalid handler settings, or labels not matching the model.
+        """
+        self.context = context
+        self.manifest = context.manifest
+        props = context.system_properties
+        model_dir = props["model_dir"]
+        cfg = (context.model_yaml_config or {}).get("handler") or {}
+        if "preprocessing" not in cfg:
+            raise ValueError("model-config.yaml needs handler.preprocessing (see training/archive.py)")
+        self.transform = EvalTransform.from_dict(cfg["preprocessing"])
+        self.default_topk = parse_topk(cfg.get("topk", 5), 5)
+        threads = int(cfg.get("num_threads", 0))
+        if threads > 0:
+            torch.set_num_threads(threads)
+
+        gpu_id = props.get("gpu_id")
+        if torch.cuda.is_available() and gpu_id is not None:
+            self.device = torch.device(f"cuda:{gpu_id}")
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.map_location = self.device.type
+
+        serialized = os.path.join(model_dir, self.manifest["model"]["serializedFile"])
+        exported = torch.load(serialized, map_location="cpu", weights_only=True)
+        with open(os.path.join(model_dir, "index_to_name.json")) as f:
+            index_to_name = json.load(f)
+        self.labels = [index_to_name[str(i)] for i in range(len(index_to_name))]
+        if len(self.labels) != exported["num_classes"]:
+            raise ValueError(f"index_to_name.json has {len(self.labels)} labels, the model "
+                             f"{exported['num_classes']} outputs")
+        head = exported.get("head") or {}
+        model = build_model(exported["arch"], exported["num_classes"],
+                            hidden_units=head.get("hidden_units"), dropout=head.get("dropout", 0.0))
+        model.load_state_dict(exported["state_dict"])
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        with torch.inference_mode():  # warm-up: first-call allocations happen here, not in a request
+            size = self.transform.crop_size
+            self.model(torch.zeros(1, 3, size, size, device=self.device))
+        self.initialized = True
+        logger.info("loaded %s (%d classes) on %s, default topk %d, %d intra-op threads",
+                    exported["arch"], len(self.labels), self.device, self.default_topk,
+                    torch.get_num_threads())
+
+    def preprocess(self, data: list[dict]) -> Batch:
+        """Decodes and transforms each request; a bad one is recorded, not raised."""
+        batch = Batch(size=len(data))
+        tensors = []
+        for idx, row in enumerate(data):
+            try:
+                headers = self.context.get_all_request_header(idx) if self.context else {}
+                payload, k = parse_request(row, headers or {}, self.default_topk)
+                tensors.append(self.transform.load(payload))
+            except ClientError as exc:
+                batch.errors[idx] = exc
+                continue
+            except Exception:  # a decoder bug must not fail the other requests
+                logger.exception("request %d: unexpected preprocessing failure", idx)
+                batch.errors[idx] = InternalError("internal error while decoding the image")
+                continue
+            batch.ks.append(k)
+            batch.rows.append(idx)
+        if tensors:
+            batch.images = torch.stack(tensors).to(self.device, non_blocking=True).contiguous(
+                memory_format=torch.channels_last)
+        return batch
+
+    def inference(self, batch: Batch, *args, **kwargs) -> Batch:
+        """Runs the model on the decoded images: sets ``batch.probs`` float32 [N, C]."""
+        if batch.images is not None:
+            with torch.inference_mode():
+                batch.probs = self.model(batch.images).float().softmax(dim=1)
+        return batch
+
+    def postprocess(self, batch: Batch) -> list:
+        """Returns one JSON-serializable answer per request, setting 4xx statuses on errors."""
+        out: list = [None] * batch.size
+        if batch.probs is not None:
+            for row, records in zip(batch.rows, topk_records(batch.probs, self.labels, batch.ks)):
+                out[row] = records
+        for idx, exc in batch.errors.items():
+            out[idx] = exc.to_json()
+        if self.context is not None:
+            for idx in range(batch.size):
+                self.context.set_response_content_type(idx, "application/json")
+            for idx, exc in batch.errors.items():
+                self.context.set_response_status(exc.status, HTTPStatus(exc.status).phrase, idx)
+        return out
+

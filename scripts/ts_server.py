@@ -1,0 +1,203 @@
+"""Start a TorchServe (Java frontend + Python workers), wait for READY workers, stop it.
+
+Used by ``scripts/serve.py`` (the CLI), the demo and the e2e test fixture.
+
+Each server runs in its own working directory (``key_file.json``, ``logs/``, and a private
+``TMPDIR`` so that TorchServe's ``.model_server.pid`` of one server never stops another) and
+in its own process session, so stopping it reaps the frontend and all its workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address",
+                "metrics": "metrics_address"}
+
+
+class ServerError(RuntimeError):
+    """TorchServe failed to start, died, or its workers did not become READY in time."""
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """Parses a Java ``.properties`` file of ``key=value`` lines (``#`` comments)."""
+    props = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def write_config(base: Path, dest: Path, overrides: dict[str, str]) -> Path:
+    """Copies ``base`` to ``dest`` with ``overrides`` replacing or adding keys."""
+    lines, seen = [], set()
+    for line in Path(base).read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if "=" in line and not line.lstrip().startswith("#") and key in overrides:
+            lines.append(f"{key}={overrides[key]}")
+            seen.add(key)
+        else:
+            lines.append(line)
+    lines += [f"{k}={v}" for k, v in overrides.items() if k not in seen]
+    dest.write_text("\n".join(lines) + "\n")
+    return dest
+
+
+@dataclass
+class TorchServe:
+    """One TorchServe process tree.
+
+    Attributes:
+        workdir: working directory (keys, logs, snapshots, config copy).
+        config: base ``config.properties``.
+        model_store: folder of ``.mar`` files.
+        models: ``--models`` arguments, e.g. ``["scenes=scenes.mar"]``.
+        overrides: config keys to override (e.g. addresses with free ports).
+    """
+
+    workdir: Path
+    config: Path = ROOT / "config.properties"
+    model_store: Path = ROOT / "model_store"
+    models: list[str] = field(default_factory=list)
+    overrides: dict[str, str] = field(default_factory=dict)
+    proc: Optional[subprocess.Popen] = None
+
+    def __post_init__(self):
+        self.workdir = Path(self.workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = write_config(self.config, self.workdir / "config.properties",
+                                        self.overrides)
+        self.props = read_properties(self.config_path)
+
+    def url(self, api: str) -> str:
+        """Base URL of ``inference``, ``management`` or ``metrics``, e.g. http://127.0.0.1:8080."""
+        return self.props[ADDRESS_KEYS[api]].rstrip("/")
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def start(self) -> "TorchServe":
+        """Launches ``torchserve --start --foreground`` in a new session, detached from us."""
+        env = dict(os.environ, TMPDIR=str(self.workdir), TEMP=str(self.workdir),
+                   LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
+        cmd = [str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground",
+               "--ts-config", str(self.config_path), "--model-store", str(Path(self.model_store).resolve())]
+        if self.models:
+            cmd += ["--models", *self.models]
+        self.log_dir.mkdir(exist_ok=True)
+        with open(self.log_dir / "console.log", "ab") as out:
+            self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        (self.workdir / "torchserve.pid").write_text(str(self.proc.pid))
+        return self
+
+    def token(self, api: str = "management") -> str:
+        """The bearer key for ``inference`` or ``management`` from ``key_file.json``.
+
+        Raises:
+            ServerError: no key file (token authorization disabled, or not started yet).
+        """
+        key_file = self.workdir / "key_file.json"
+        if not key_file.is_file():
+            raise ServerError(f"no {key_file}: is TorchServe running with token authorization?")
+        return json.loads(key_file.read_text())[api]["key"]
+
+    def headers(self, api: str = "management") -> dict[str, str]:
+        """``Authorization`` header for the API, or {} when token authorization is off."""
+        try:
+            return {"Authorization": f"Bearer {self.token(api)}"}
+        except ServerError:
+            return {}
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The last lines of the frontend and worker logs (no access log), for error messages."""
+        parts = []
+        for name in ("ts_log.log", "model_log.log"):
+            path = self.log_dir / name
+            if path.is_file():
+                text = [line for line in path.read_text(errors="replace").splitlines()
+                        if "ACCESS_LOG" not in line][-lines:]
+                parts.append(f"--- {path} (last {len(text)} lines)\n" + "\n".join(text))
+        return "\n".join(parts) or f"(no logs in {self.log_dir})"
+
+    def workers(self, model: str) -> list[dict]:
+        """Workers of a model's default version, from the management API ([] if unknown)."""
+        r = requests.get(f"{self.url('management')}/models/{model}",
+                         headers=self.headers("management"), timeout=5)
+        if r.status_code != 200:
+            return []
+        return r.json()[0].get("workers", [])
+
+    def wait_ready(self, models: list[str], timeout_s: float = 180.0) -> None:
+        """Blocks until every named model has >= 1 worker and all its workers are READY.
+
+        Raises:
+            ServerError: the process exited or the timeout passed; carries the log tail.
+        """
+        deadline = time.monotonic() + timeout_s
+        pending = list(models)
+        while pending:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ServerError(f"TorchServe exited with code {self.proc.returncode}\n"
+                                  + self.log_tail())
+            try:
+                workers = self.workers(pending[0])
+                if workers and all(w["status"] == "READY" for w in workers):
+                    pending.pop(0)
+                    continue
+            except (requests.ConnectionError, requests.Timeout):
+                pass
+            if time.monotonic() > deadline:
+                raise ServerError(f"workers of {pending} not READY after {timeout_s:.0f} s\n"
+                                  + self.log_tail())
+            time.sleep(0.5)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stops the frontend and its workers (SIGTERM to the session, SIGKILL after timeout)."""
+        stop_pid_file(self.workdir / "torchserve.pid", timeout_s)
+        if self.proc is not None:
+            self.proc.wait(timeout=5)
+            self.proc = None
+
+
+def stop_pid_file(pid_file: Path, timeout_s: float = 30.0) -> bool:
+    """Stops the process session whose leader's pid is in ``pid_file``. False if none ran."""
+    if not pid_file.is_file():
+        return False
+    pid = int(pid_file.read_text())
+    pid_file.unlink()
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    os.killpg(pid, signal.SIGKILL)
+    return True
+
+
+def model_names(models: list[str]) -> list[str]:
+    """Model names from ``--models`` arguments (``name=file.mar`` or ``file.mar``)."""
+    return [m.split("=", 1)[0] if "=" in m else re.sub(r"\.mar$", "", Path(m).name)
+            for m in models]

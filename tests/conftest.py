@@ -1,0 +1,66 @@
+"""Shared fixtures: import paths, image factories, a tiny fixed-weight model, an archive."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+# The archive imports its files flat (``from preprocessing import ...``); mirror that layout.
+for path in (ROOT, ROOT / "handler", ROOT / "training"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from training.models import build_model  # noqa: E402
+
+TINY_ARCH = "mobilenet_v3_small"  # 1.5 M parameters: fast enough for every test
+TINY_PREPROCESSING = {"crop_size": 64, "resize_size": 72, "mean": [0.485, 0.456, 0.406],
+                      "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"}
+
+
+def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    """Encodes a PIL image to bytes in ``fmt``."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def scene(width: int = 160, height: int = 120, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A deterministic structured test image (gradients and a rectangle), not noise."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(3, generator=g) * 200
+    ys = torch.linspace(0, 1, height)[:, None]
+    xs = torch.linspace(0, 1, width)[None, :]
+    chans = [(base[c] + 55 * (xs if c % 2 else ys)).expand(height, width) for c in range(3)]
+    arr = torch.stack(chans, -1).clamp(0, 255).to(torch.uint8).numpy().copy()
+    x0, y0 = int(torch.randint(0, width // 2, (1,), generator=g)), int(torch.randint(0, height // 2, (1,), generator=g))
+    arr[y0:y0 + height // 3, x0:x0 + width // 3] = (torch.rand(3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(arr, "RGB").convert(mode)
+
+
+def make_checkpoint(path: Path, classes: list[str], *, seed: int = 0, arch: str = TINY_ARCH,
+                    preprocessing: dict | None = None) -> Path:
+    """Writes a training-format checkpoint of a seeded, randomly initialized model."""
+    torch.manual_seed(seed)
+    model = build_model(arch, len(classes)).eval()
+    torch.save({"model": model.state_dict(), "arch": arch, "num_classes": len(classes),
+                "head": {"hidden_units": None, "dropout": 0.0}, "class_names": classes,
+                "preprocessing": preprocessing or TINY_PREPROCESSING, "args": {}, "epoch": 0,
+                "metrics": {}}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def jpeg_bytes() -> bytes:
+    return encode(scene(seed=1), "JPEG", quality=90)
+
+
+@pytest.fixture(scope="session")
+def three_class_checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_best.pt",
+                           ["cat", "dog", "bird"])

@@ -1,0 +1,187 @@
+"""End-to-end: a real TorchServe (Java frontend + Python worker) over real HTTP on loopback."""
+
+import base64
+import json
+import socket
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import torch
+
+from conftest import encode, scene
+from scripts.ts_server import TorchServe
+from training import archive
+from training.predict import load_classifier
+
+pytestmark = pytest.mark.e2e
+MODEL = "tiny3"
+MAX_REQUEST_BYTES = 1024 * 1024
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, three_class_checkpoint):
+    store = tmp_path_factory.mktemp("model_store")
+    # default k 5 > 3 classes; batches of up to 4 gathered for 200 ms so concurrent requests share one
+    archive.main(archive.get_args_parser().parse_args([
+        "--checkpoint", str(three_class_checkpoint), "--model-name", MODEL, "--version", "1.0",
+        "--export-path", str(store), "--batch-size", "4", "--max-batch-delay", "200",
+        "--num-threads", "1"]))
+    inf, mgmt, met, grpc_inf, grpc_mgmt = free_ports(5)
+    ts = TorchServe(workdir=tmp_path_factory.mktemp("ts"), model_store=store,
+                    models=[f"{MODEL}={MODEL}.mar"],
+                    overrides={"inference_address": f"http://127.0.0.1:{inf}",
+                               "management_address": f"http://127.0.0.1:{mgmt}",
+                               "metrics_address": f"http://127.0.0.1:{met}",
+                               "grpc_inference_port": str(grpc_inf),
+                               "grpc_management_port": str(grpc_mgmt),
+                               "max_request_size": str(MAX_REQUEST_BYTES)}).start()
+    try:
+        ts.wait_ready([MODEL], timeout_s=180)
+        yield ts
+    finally:
+        ts.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(three_class_checkpoint):
+    """In-process top-k for comparing with what the server answers."""
+    model, classes, tf = load_classifier(three_class_checkpoint, torch.device("cpu"))
+
+    def predict(data: bytes):
+        with torch.inference_mode():
+            probs = model(tf.load(data)[None]).softmax(1)[0]
+        order = probs.argsort(descending=True).tolist()
+        return [classes[i] for i in order], [probs[i].item() for i in order]
+    return predict
+
+
+def predict_url(ts):
+    return f"{ts.url('inference')}/predictions/{MODEL}"
+
+
+def test_raw_body_put_and_post_match_in_process_prediction(server, reference, jpeg_bytes):
+    auth = server.headers("inference")
+    labels, probs = reference(jpeg_bytes)
+    for r in (requests.put(predict_url(server), data=jpeg_bytes, headers=auth, timeout=60),  # curl -T
+              requests.post(predict_url(server), data=jpeg_bytes,
+                            headers={**auth, "Content-Type": "image/jpeg"}, timeout=60)):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [rec["label"] for rec in body] == labels  # default k=5, clamped to 3 classes
+        assert [rec["probability"] for rec in body] == pytest.approx(probs, abs=1e-5)
+        assert sorted(rec["index"] for rec in body) == [0, 1, 2]
+
+
+def test_per_request_topk_multipart_json_and_invocations(server, reference):
+    png = encode(scene(seed=7), "PNG")
+    labels, _ = reference(png)
+    auth = server.headers("inference")
+    r = requests.post(predict_url(server), files={"data": ("x.png", png, "image/png")},
+                      data={"topk": "2"}, headers=auth, timeout=60)
+    assert r.status_code == 200 and [x["label"] for x in r.json()] == labels[:2]
+    r = requests.post(predict_url(server), json={"data": base64.b64encode(png).decode(), "topk": 1},
+                      headers=auth, timeout=60)
+    assert r.status_code == 200 and [x["label"] for x in r.json()] == labels[:1]
+    r = requests.post(f"{server.url('inference')}/invocations",
+                      params={"model_name": MODEL, "topk": "1"}, data=png,
+                      headers={**auth, "Content-Type": "image/png"}, timeout=60)
+    assert r.status_code == 200 and [x["label"] for x in r.json()] == labels[:1]
+
+
+def test_corrupt_file_gets_4xx_while_concurrent_good_requests_get_200(server, reference, jpeg_bytes):
+    auth = server.headers("inference")
+    pid_before = [w["pid"] for w in server.workers(MODEL)]
+    bodies = [jpeg_bytes, jpeg_bytes[:300], jpeg_bytes, b"GIF89a garbage", jpeg_bytes, b""] * 2
+
+    def send(body):
+        return requests.put(predict_url(server), data=body, headers=auth, timeout=60)
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(send, bodies))
+    labels, _ = reference(jpeg_bytes)
+    for body, r in zip(bodies, responses):
+        if body == jpeg_bytes:
+            assert r.status_code == 200 and [x["label"] for x in r.json()] == labels
+        else:
+            assert r.status_code == 400, r.text
+            assert r.headers["content-type"].startswith("application/json")
+            assert r.json()["type"] == "undecodable" and r.json()["message"]
+    assert [w["pid"] for w in server.workers(MODEL)] == pid_before  # the worker lived
+    assert requests.put(predict_url(server), data=jpeg_bytes, headers=auth, timeout=60).status_code == 200
+
+
+def test_bad_topk_is_422(server, jpeg_bytes):
+    r = requests.post(predict_url(server), files={"data": jpeg_bytes}, data={"topk": "0"},
+                      headers=server.headers("inference"), timeout=60)
+    assert r.status_code == 422 and r.json()["type"] == "bad_parameter"
+
+
+def test_management_api_lists_and_describes_the_model(server):
+    auth = server.headers("management")
+    listed = requests.get(f"{server.url('management')}/models", headers=auth, timeout=10).json()
+    assert MODEL in [m["modelName"] for m in listed["models"]]
+    described = requests.get(f"{server.url('management')}/models/{MODEL}", headers=auth, timeout=10).json()[0]
+    assert described["modelVersion"] == "1.0"
+    assert described["batchSize"] == 4 and described["maxBatchDelay"] == 200
+    assert described["workers"] and all(w["status"] == "READY" for w in described["workers"])
+
+
+def test_token_authorization_is_enforced(server, jpeg_bytes):
+    # TorchServe 0.12 refuses a missing or wrong key with 400 InvalidKeyException (not 401).
+    for r in (requests.put(predict_url(server), data=jpeg_bytes, timeout=10),
+              requests.get(f"{server.url('management')}/models", timeout=10),
+              requests.get(f"{server.url('management')}/models", timeout=10,
+                           headers={"Authorization": "Bearer wrong-key"})):
+        assert r.status_code == 400 and r.json()["type"] == "InvalidKeyException"
+
+
+def test_prometheus_metrics_count_inference_requests(server, jpeg_bytes):
+    requests.put(predict_url(server), data=jpeg_bytes, headers=server.headers("inference"), timeout=60)
+    text = requests.get(f"{server.url('metrics')}/metrics", timeout=10).text
+    lines = [line for line in text.splitlines() if line.startswith("ts_inference_requests_total")]
+    assert lines, text[:500]
+    assert any(f'model_name="{MODEL}"' in line and float(line.rsplit(" ", 1)[1]) >= 1 for line in lines)
+
+
+def test_archive_contents(server):
+    with zipfile.ZipFile(server.model_store / f"{MODEL}.mar") as mar:
+        names = set(mar.namelist())
+        labels = json.loads(mar.read("index_to_name.json"))
+        manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
+    assert {"model.pt", "classifier_handler.py", "preprocessing.py", "postprocessing.py",
+            "payload.py", "models.py", "model-config.yaml", "index_to_name.json"} <= names
+    assert labels == {"0": "cat", "1": "dog", "2": "bird"}
+    assert manifest["model"]["modelVersion"] == "1.0"
+
+
+def test_unknown_model_or_version_is_404(server, jpeg_bytes):
+    auth = server.headers("inference")
+    for url in (f"{server.url('inference')}/predictions/nope", f"{predict_url(server)}/9.9"):
+        r = requests.put(url, data=jpeg_bytes, headers=auth, timeout=10)
+        assert r.status_code == 404, r.text
+
+
+def test_body_over_max_request_size_is_413(server):
+    r = requests.put(predict_url(server), data=b"\xff" * (MAX_REQUEST_BYTES + 1),
+                     headers=server.headers("inference"), timeout=30)
+    assert r.status_code == 413
+
+
+def test_form_urlencoded_body_is_answered_415_with_instructions(server):
+    # curl --data-binary without -H: the frontend parses the body as form fields (here it can).
+    r = requests.post(predict_url(server), data=b"not=an&image=1",
+                      headers={**server.headers("inference"),
+                               "Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
+    assert r.status_code == 415
+    assert "Content-Type: application/octet-stream" in r.json()["message"]

@@ -1,0 +1,129 @@
+"""The handler in-process, with TorchServe's real Context and a tiny fixed-weight model."""
+
+import base64
+import json
+import uuid
+
+import pytest
+import torch
+import yaml
+from ts.context import Context, RequestProcessor
+from ts.metrics.metrics_store import MetricsStore
+
+from conftest import TINY_PREPROCESSING, encode, make_checkpoint, scene
+from handler.preprocessing import EvalTransform
+from training.archive import export_files, get_args_parser
+from training.data import image_folder
+from training.predict import load_classifier
+
+pytestmark = pytest.mark.unit
+CLASSES = ["cat", "dog", "bird"]
+
+
+def _model_dir(tmp_path, checkpoint, *archive_args):
+    """The directory TorchServe would unpack the archive into."""
+    args = get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--model-name", "m",
+                                         *archive_args])
+    ckpt = torch.load(checkpoint, weights_only=True)
+    files = export_files(ckpt, tmp_path, args)
+    return tmp_path, yaml.safe_load(files["config"].read_text())
+
+
+def _context(model_dir, cfg, headers=None, n=1):
+    ctx = Context("m", str(model_dir), {"model": {"serializedFile": "model.pt"}}, 8, None, "0.12.0",
+                  metrics=MetricsStore(uuid.uuid4(), "m"), model_yaml_config=cfg)
+    ctx.request_processor = [RequestProcessor(h) for h in (headers or [{}] * n)]
+    return ctx
+
+
+@pytest.fixture()
+def handler(tmp_path, three_class_checkpoint):
+    from classifier_handler import ImageClassifierHandler
+    model_dir, cfg = _model_dir(tmp_path, three_class_checkpoint, "--topk", "2")
+    h = ImageClassifierHandler()
+    h.initialize(_context(model_dir, cfg))
+    return h, model_dir, cfg
+
+
+def _run(h, model_dir, cfg, rows, headers=None):
+    ctx = _context(model_dir, cfg, headers, n=len(rows))
+    out = h.handle(rows, ctx)
+    return out, [ctx.get_response_status(i)[0] or 200 for i in range(len(rows))]
+
+
+def test_outputs_match_the_model_exactly(handler, three_class_checkpoint, jpeg_bytes):
+    h, model_dir, cfg = handler
+    out, status = _run(h, model_dir, cfg, [{"body": jpeg_bytes}])
+    model, classes, tf = load_classifier(three_class_checkpoint, torch.device("cpu"))
+    with torch.inference_mode():
+        probs = model(tf.load(jpeg_bytes)[None]).softmax(1)[0]
+    top = probs.topk(2)
+    assert status == [200]
+    assert [r["index"] for r in out[0]] == top.indices.tolist()
+    assert [r["label"] for r in out[0]] == [classes[i] for i in top.indices.tolist()]
+    assert [r["probability"] for r in out[0]] == pytest.approx(top.values.tolist(), abs=1e-6)
+
+
+def test_bad_request_in_a_batch_fails_alone(handler, jpeg_bytes):
+    h, model_dir, cfg = handler
+    png = encode(scene(seed=5), "PNG")
+    rows = [{"body": jpeg_bytes}, {"body": b"not an image"}, {"data": png, "topk": b"3"},
+            {"data": jpeg_bytes, "topk": b"0"}, {"body": {"data": base64.b64encode(png).decode()}}]
+    out, status = _run(h, model_dir, cfg, rows)
+    assert status == [200, 400, 200, 422, 200]
+    assert out[1]["type"] == "undecodable" and "cannot identify" in out[1]["message"]
+    assert out[3]["type"] == "bad_parameter"
+    assert len(out[0]) == 2 and len(out[2]) == 3  # default k=2 from model-config, per-request 3
+    assert out[4] == out[2][:2]  # same PNG via JSON base64: same answer
+    json.dumps(out)  # every answer is JSON-serializable
+
+
+def test_all_bad_batch_skips_inference_and_answers_each(handler):
+    h, model_dir, cfg = handler
+    out, status = _run(h, model_dir, cfg, [{"body": b""}, {}],)
+    assert status == [400, 400]
+    assert "empty" in out[0]["message"] and "no image" in out[1]["message"]
+
+
+def test_form_urlencoded_request_gets_415(handler):
+    h, model_dir, cfg = handler
+    out, status = _run(h, model_dir, cfg, [{"garbage": b""}],
+                       headers=[{"Content-Type": "application/x-www-form-urlencoded"}])
+    assert status == [415] and "--data-binary" in out[0]["message"]
+
+
+def test_k_is_clamped_to_the_three_classes(handler, jpeg_bytes):
+    h, model_dir, cfg = handler
+    out, status = _run(h, model_dir, cfg, [{"data": jpeg_bytes, "topk": b"10000"}])
+    assert status == [200] and len(out[0]) == 3
+
+
+def test_initialize_fails_fast_on_missing_labels_or_config(tmp_path, three_class_checkpoint):
+    from classifier_handler import ImageClassifierHandler
+    model_dir, cfg = _model_dir(tmp_path, three_class_checkpoint)
+    with pytest.raises(ValueError, match="preprocessing"):
+        ImageClassifierHandler().initialize(_context(model_dir, {"handler": {"topk": 5}}))
+    (model_dir / "index_to_name.json").write_text(json.dumps({"0": "cat", "1": "dog"}))
+    with pytest.raises(ValueError, match="labels"):
+        ImageClassifierHandler().initialize(_context(model_dir, cfg))
+    (model_dir / "index_to_name.json").unlink()
+    with pytest.raises(FileNotFoundError):
+        ImageClassifierHandler().initialize(_context(model_dir, cfg))
+
+
+def test_evaluation_and_handler_see_identical_tensors(tmp_path, three_class_checkpoint):
+    """The one preprocessing: training's eval dataset and the handler produce the same input."""
+    from classifier_handler import ImageClassifierHandler
+    folder = tmp_path / "test" / "cat"
+    folder.mkdir(parents=True)
+    big = encode(scene(900, 700, seed=9), "JPEG")  # large enough for the JPEG draft path
+    (folder / "a.jpg").write_bytes(big)
+    tf = EvalTransform.from_dict(TINY_PREPROCESSING)
+    eval_tensor, _ = image_folder(tmp_path / "test", tf, draft_size=tf.resize_size)[0]
+
+    (tmp_path / "m").mkdir()
+    model_dir, cfg = _model_dir(tmp_path / "m", three_class_checkpoint)
+    h = ImageClassifierHandler()
+    h.initialize(_context(model_dir, cfg))
+    batch = h.preprocess([{"body": big}])
+    assert torch.equal(batch.images[0], eval_tensor)

@@ -1,0 +1,50 @@
+import base64
+
+import pytest
+
+from payload import UnsupportedMediaTypeError, parse_request, parse_topk
+from preprocessing import BadParameterError, ClientError, DecodeError
+
+pytestmark = pytest.mark.unit
+IMG = b"\xff\xd8\xff\xe0fake-jpeg-bytes"
+
+
+@pytest.mark.parametrize("row,headers,expected_k", [
+    ({"body": IMG}, {"Content-Type": "image/jpeg"}, 5),                # curl -T / --data-binary
+    ({"data": IMG, "topk": b"2"}, {}, 2),                             # multipart, topk as bytes
+    ({"data": IMG, "topk": "3"}, {}, 3),                              # multipart text field
+    ({"body": {"data": base64.b64encode(IMG).decode(), "topk": 1}},
+     {"content-type": "application/json"}, 1),                        # JSON, parsed by the worker
+    ({"body": IMG, "model_name": "m", "topk": "4"}, {}, 4),           # /invocations?topk=4
+])
+def test_accepted_request_forms(row, headers, expected_k):
+    data, k = parse_request(row, headers, default_topk=5)
+    assert data == IMG and k == expected_k
+
+
+def test_topk_clamping_is_left_to_postprocessing():
+    assert parse_request({"data": IMG, "topk": "10000"}, {}, 5)[1] == 10000
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "2.5", "", b"x", True, 1.5, [3]])
+def test_invalid_topk_is_a_422(value):
+    with pytest.raises(BadParameterError) as err:
+        parse_topk(value, 5)
+    assert err.value.status == 422 and err.value.reason == "bad_parameter"
+
+
+@pytest.mark.parametrize("row,headers,error,match", [
+    ({}, {}, ClientError, "no image"),
+    ({"topk": b"3"}, {}, ClientError, "no image"),                      # multipart without a file
+    ({"body": b""}, {}, DecodeError, "empty"),
+    ({"body": {"topk": 2}}, {}, ClientError, '"data" field'),
+    ({"body": {"data": "not base64!!"}}, {}, ClientError, "base64"),
+    ({"body": {"data": 12}}, {}, ClientError, "base64 string"),
+    ({"body": "some text"}, {"Content-Type": "text/plain"}, UnsupportedMediaTypeError, "not image bytes"),
+    ({"\xff\xd8garbage": b""}, {"Content-Type": "application/x-www-form-urlencoded"},
+     UnsupportedMediaTypeError, "Content-Type: application/octet-stream"),
+])
+def test_bad_requests_name_the_problem(row, headers, error, match):
+    with pytest.raises(error, match=match) as err:
+        parse_request(row, headers, 5)
+    assert 400 <= err.value.status < 500

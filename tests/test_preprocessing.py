@@ -1,0 +1,130 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_PREPROCESSING, encode, scene
+from handler.preprocessing import (DecodeError, EvalTransform, ImageTooLargeError,
+                                   decode_image)
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("fmt,kw", [("JPEG", {}), ("PNG", {}), ("WEBP", {"lossless": True}),
+                                    ("BMP", {}), ("GIF", {}), ("TIFF", {})])
+def test_decodes_supported_formats_to_rgb(fmt, kw):
+    src = scene(64, 48, seed=3)
+    img = decode_image(encode(src, fmt, **kw))
+    assert img.mode == "RGB" and img.size == (64, 48)
+    if fmt in ("PNG", "WEBP", "BMP", "TIFF"):  # lossless: pixels survive exactly
+        assert np.array_equal(np.asarray(img), np.asarray(src))
+
+
+def test_gif_first_frame_is_used():
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    data = encode(red, "GIF", save_all=True, append_images=[blue], duration=100, loop=0)
+    px = decode_image(data).getpixel((4, 4))
+    assert px[0] > 200 and px[2] < 50
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (0, 255, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    out = decode_image(encode(img, "JPEG", exif=exif.tobytes()))
+    assert out.size == (20, 40)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "CMYK", "P", "1"])
+def test_modes_convert_to_rgb(mode):
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    assert decode_image(encode(scene(32, 32).convert(mode), fmt)).mode == "RGB"
+
+
+def test_transparent_pixels_composite_on_white():
+    img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert decode_image(encode(img, "PNG")).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_16bit_grayscale_is_scaled_not_clipped():
+    arr = np.full((8, 8), 32768, dtype=np.uint16)  # mid-grey in 16 bits
+    img = Image.fromarray(arr)
+    assert img.mode.startswith("I")
+    assert decode_image(encode(img, "PNG")).getpixel((0, 0)) == (128, 128, 128)
+
+
+def _png_header_only(width, height):
+    """A PNG whose IHDR declares width x height (no pixel data needed to trip the guard)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_with_413():
+    assert Image.MAX_IMAGE_PIXELS is not None  # the guard stays on
+    with pytest.raises(ImageTooLargeError) as err:
+        decode_image(_png_header_only(50000, 50000))
+    assert err.value.status == 413
+    # Between MAX_IMAGE_PIXELS and twice that PIL only warns; we refuse those too.
+    side = int((Image.MAX_IMAGE_PIXELS * 1.5) ** 0.5)
+    with pytest.raises(ImageTooLargeError):
+        decode_image(_png_header_only(side, side))
+
+
+@pytest.mark.parametrize("data,match", [
+    (b"", "empty"),
+    (b"hello, this is text named photo.jpg", "cannot identify"),
+    (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', "cannot identify"),
+    (b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\n", "cannot identify"),
+])
+def test_non_images_raise_decode_error(data, match):
+    with pytest.raises(DecodeError, match=match) as err:
+        decode_image(data)
+    assert err.value.status == 400
+    assert err.value.to_json()["type"] == "undecodable"
+
+
+def test_truncated_jpeg_raises_decode_error(jpeg_bytes):
+    with pytest.raises(DecodeError, match="truncated|corrupt"):
+        decode_image(jpeg_bytes[: len(jpeg_bytes) // 2])
+
+
+def test_jpeg_draft_decodes_large_photos_at_reduced_scale():
+    data = encode(scene(1600, 1200), "JPEG")
+    assert decode_image(data).size == (1600, 1200)
+    small = decode_image(data, draft_size=256)
+    assert small.size == (400, 300)  # 1/4 scale keeps the shorter side >= 256
+
+
+def test_eval_transform_shape_dtype_and_normalization():
+    tf = EvalTransform.from_dict(TINY_PREPROCESSING)
+    x = tf(Image.new("RGB", (100, 80), (124, 116, 104)))
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+    expected = (torch.tensor([124, 116, 104]) / 255 - torch.tensor(tf.mean)) / torch.tensor(tf.std)
+    assert torch.allclose(x[:, 32, 32], expected, atol=1e-5)
+
+
+def test_eval_transform_keeps_aspect_ratio():
+    tf = EvalTransform(crop_size=8, resize_size=8)
+    img = Image.new("RGB", (32, 8))
+    img.paste((255, 0, 0), (0, 0, 12, 8))  # red left part is outside the center crop
+    x = tf(img)
+    assert x.shape == (3, 8, 8)
+    assert torch.all(x[0] < 0)  # no red left: shorter-side resize + crop, not a squash
+
+
+@pytest.mark.parametrize("cfg", [{"crop_size": 224, "resize_size": 200}, {"bogus": 1},
+                                 {"interpolation": "cubic-ish"}, {"mean": [0.5, 0.5]}])
+def test_eval_transform_rejects_bad_config(cfg):
+    with pytest.raises(ValueError):
+        EvalTransform.from_dict(cfg)
+
+
+def test_transform_settings_round_trip():
+    tf = EvalTransform.from_dict(TINY_PREPROCESSING)
+    assert EvalTransform.from_dict(tf.to_dict()) == tf

@@ -1,0 +1,1 @@
+"""Fine-tuning, evaluation, prediction and archiving of torchvision image classifiers."""

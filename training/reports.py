@@ -1,0 +1,68 @@
+"""Learning curves and the test report (scikit-learn metrics, matplotlib plots)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confusion_matrix  # noqa: E402
+
+
+def plot_learning_curves(history: list[dict], path: Path) -> None:
+    """Loss and accuracy per epoch, train vs val, as a PNG."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "val"):
+        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], marker="o", label=split)
+        ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], marker="o", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="Accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_test_report(targets: torch.Tensor, probs: torch.Tensor, classes: Sequence[str],
+                      out: Path) -> dict:
+    """Writes ``test_report.json``, ``classification_report.txt`` and ``confusion_matrix.png``.
+
+    Args:
+        targets: int64 [N] true class indices.
+        probs: float32 [N, C] softmax probabilities.
+        classes: C class names in index order.
+
+    Returns:
+        The report: accuracy, per-class precision/recall/F1/support, confusion matrix
+        (rows: true class, columns: predicted class).
+    """
+    y_true, y_pred = targets.tolist(), probs.argmax(1).tolist()
+    labels = list(range(len(classes)))
+    per_class = classification_report(y_true, y_pred, labels=labels, target_names=list(classes),
+                                      output_dict=True, zero_division=0)
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    report = {"accuracy": float((targets == probs.argmax(1)).float().mean()),
+              "num_images": len(y_true), "classes": list(classes),
+              "per_class": {c: per_class[c] for c in classes},
+              "macro_avg": per_class["macro avg"], "confusion_matrix": cm.tolist()}
+    with open(out / "test_report.json", "w") as f:
+        json.dump(report, f, indent=2)
+    with open(out / "classification_report.txt", "w") as f:
+        f.write(classification_report(y_true, y_pred, labels=labels, target_names=list(classes),
+                                      digits=4, zero_division=0))
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 3, 1.2 * len(classes) + 2))
+    ConfusionMatrixDisplay(cm, display_labels=list(classes)).plot(ax=ax, xticks_rotation=45,
+                                                                  colorbar=False)
+    ax.set_title(f"Test confusion matrix (accuracy {report['accuracy']:.3f})")
+    fig.tight_layout()
+    fig.savefig(out / "confusion_matrix.png", dpi=100)
+    plt.close(fig)
+    return report
