@@ -15,9 +15,9 @@ endif
 MODEL ?= $(notdir $(patsubst %/,%,$(if $(strip $(DATA)),$(DATA),digits)))
 export DATA MODEL TRAIN_ARGS ARCHIVE_ARGS
 
-.PHONY: setup java demo test test-unit serve stop clean
+.PHONY: setup system-deps demo test test-unit serve stop clean
 
-setup: $(STAMP) java
+setup: $(STAMP) system-deps
 
 $(STAMP): requirements.txt
 	python3 -m venv .venv
@@ -26,8 +26,8 @@ $(STAMP): requirements.txt
 	rm -f .venv/.installed-*
 	touch $@
 
-java:
-	@bash scripts/ensure_java.sh
+system-deps:
+	@bash scripts/ensure_system_deps.sh
 
 demo: setup
 	bash scripts/demo.sh

@@ -21,9 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from http import HTTPStatus
 
 import torch
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from models import build_model
@@ -41,7 +43,20 @@ class ImageClassifierHandler(BaseHandler):
             interpolation), written by the archive step from the checkpoint. Required.
         topk: default k (int >= 1). Default 5.
         num_threads: torch intra-op threads per worker (0: leave torch's default).
+
+    Metrics (declared in ``monitoring/metrics.yaml``; dimensions ModelName, ModelVersion):
+    ``classifier_{preprocess,inference,postprocess}_seconds`` (histograms: per image, per batch,
+    per batch), ``classifier_batch_size``, ``classifier_images_per_request``,
+    ``classifier_top1_probability`` (histograms) and ``classifier_rejected_inputs_total``
+    (counter, extra dimension Reason), ``classifier_worker_batches_total`` (counter, extra
+    dimension Worker = pid; workers serving = series with a non-zero rate).
     """
+
+    HISTOGRAMS = ("classifier_preprocess_seconds", "classifier_inference_seconds",
+                  "classifier_postprocess_seconds", "classifier_batch_size",
+                  "classifier_images_per_request", "classifier_top1_probability")
+    REJECTED = "classifier_rejected_inputs_total"
+    BATCHES = "classifier_worker_batches_total"
 
     def initialize(self, context):
         """Loads the model, labels and settings. Fails fast on anything missing.
@@ -91,10 +106,31 @@ class ImageClassifierHandler(BaseHandler):
         with torch.inference_mode():  # warm-up: first-call allocations happen here, not in a request
             size = self.transform.crop_size
             self.model(torch.zeros(1, 3, size, size, device=self.device))
+        self._init_metrics(context)
         self.initialized = True
         logger.info("loaded %s (%d classes) on %s, default topk %d, %d intra-op threads",
                     exported["arch"], len(self.labels), self.device, self.default_topk,
                     torch.get_num_threads())
+
+    def _init_metrics(self, context) -> None:
+        """Looks up (or, if the metrics config lacks them, creates) the handler's metrics."""
+        self.metric_dims = [context.model_name, str(self.manifest["model"].get("modelVersion", ""))]
+        self.metrics = {}
+        cache = context.metrics
+        wanted = [(n, "Seconds" if n.endswith("_seconds") else "Count", MetricTypes.HISTOGRAM,
+                   ["ModelName", "ModelVersion"]) for n in self.HISTOGRAMS]
+        wanted.append((self.REJECTED, "Count", MetricTypes.COUNTER,
+                       ["ModelName", "ModelVersion", "Reason"]))
+        wanted.append((self.BATCHES, "Count", MetricTypes.COUNTER,
+                       ["ModelName", "ModelVersion", "Worker"]))
+        for name, unit, kind, dims in wanted:
+            try:
+                self.metrics[name] = cache.get_metric(name, kind)
+            except Exception:  # not declared in the metrics config: emitted to the log only
+                self.metrics[name] = cache.add_metric_to_cache(name, unit, dims, kind)
+
+    def _observe(self, name: str, value: float, *extra_dims: str) -> None:
+        self.metrics[name].add_or_update(value, self.metric_dims + list(extra_dims))
 
     def preprocess(self, data: list[dict]) -> Batch:
         """Decodes and transforms each request; a bad one is recorded, not raised."""
@@ -102,9 +138,12 @@ class ImageClassifierHandler(BaseHandler):
         tensors = []
         for idx, row in enumerate(data):
             try:
+                start = time.perf_counter()
                 headers = self.context.get_all_request_header(idx) if self.context else {}
                 payload, k = parse_request(row, headers or {}, self.default_topk)
                 tensors.append(self.transform.load(payload))
+                self._observe("classifier_preprocess_seconds", time.perf_counter() - start)
+                self._observe("classifier_images_per_request", 1)
             except ClientError as exc:
                 batch.errors[idx] = exc
                 continue
@@ -122,18 +161,28 @@ class ImageClassifierHandler(BaseHandler):
     def inference(self, batch: Batch, *args, **kwargs) -> Batch:
         """Runs the model on the decoded images: sets ``batch.probs`` float32 [N, C]."""
         if batch.images is not None:
+            start = time.perf_counter()
             with torch.inference_mode():
                 batch.probs = self.model(batch.images).float().softmax(dim=1)
+            if batch.probs.is_cuda:
+                torch.cuda.synchronize(batch.probs.device)
+            self._observe("classifier_inference_seconds", time.perf_counter() - start)
+            self._observe("classifier_batch_size", len(batch.rows))
+            self._observe(self.BATCHES, 1, str(os.getpid()))
         return batch
 
     def postprocess(self, batch: Batch) -> list:
         """Returns one JSON-serializable answer per request, setting 4xx statuses on errors."""
+        start = time.perf_counter()
         out: list = [None] * batch.size
         if batch.probs is not None:
             for row, records in zip(batch.rows, topk_records(batch.probs, self.labels, batch.ks)):
                 out[row] = records
+                self._observe("classifier_top1_probability", records[0]["probability"])
+            self._observe("classifier_postprocess_seconds", time.perf_counter() - start)
         for idx, exc in batch.errors.items():
             out[idx] = exc.to_json()
+            self._observe(self.REJECTED, 1, exc.reason)
         if self.context is not None:
             for idx in range(batch.size):
                 self.context.set_response_content_type(idx, "application/json")

@@ -1,6 +1,7 @@
 """Start TorchServe and wait until the models' workers are READY, or stop it.
 
     python scripts/serve.py start --models scenes=scenes.mar [--timeout 180]
+    python scripts/serve.py start --restore      # models, versions, workers as at the last stop
     python scripts/serve.py stop
 
 The server runs from ``--workdir`` (default: the repository root), where TorchServe writes
@@ -11,11 +12,13 @@ server is stopped and the exit code is 1.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts.ts_server import ROOT, ServerError, TorchServe, model_names, stop_pid_file  # noqa: E402
+from scripts.ts_server import (ROOT, ServerError, TorchServe, model_names,  # noqa: E402
+                               read_properties, stop_pid_file)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -26,8 +29,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=ROOT, help="server working directory")
     p.add_argument("--config", type=Path, default=ROOT / "config.properties")
     p.add_argument("--model-store", type=Path, default=ROOT / "model_store")
+    p.add_argument("--restore", action="store_true",
+                   help="start from the last snapshot in <workdir>/logs/config instead of --models")
     p.add_argument("--timeout", type=float, default=300.0, help="s to wait for READY workers")
     return p
+
+
+def restored_models(server: TorchServe) -> list[str]:
+    """Model names recorded in the snapshot being restored."""
+    props = read_properties(server.last_snapshot())
+    snapshot = json.loads(props.get("model_snapshot") or "{}")
+    return list(snapshot.get("models", {}))
 
 
 def main(args) -> int:
@@ -38,9 +50,11 @@ def main(args) -> int:
     if (Path(args.workdir) / "torchserve.pid").is_file():
         stop_pid_file(Path(args.workdir) / "torchserve.pid")
     server = TorchServe(workdir=args.workdir, config=args.config, model_store=args.model_store,
-                        models=args.models).start()
+                        models=args.models, restore=args.restore)
     try:
-        server.wait_ready(model_names(args.models), timeout_s=args.timeout)
+        server.start()
+        server.wait_ready(restored_models(server) if args.restore else model_names(args.models),
+                          timeout_s=args.timeout)
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         server.stop()

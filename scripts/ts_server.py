@@ -31,25 +31,44 @@ class ServerError(RuntimeError):
     """TorchServe failed to start, died, or its workers did not become READY in time."""
 
 
+_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
+
+
+def _unescape(value: str) -> str:
+    """Undoes Java properties escaping (``\\:``, ``\\=``, ``\\n``, ``\\uXXXX``), as snapshots use."""
+    return re.sub(r"\\(u[0-9a-fA-F]{4}|.)",
+                  lambda m: chr(int(m[1][1:], 16)) if len(m[1]) == 5 else _ESCAPES.get(m[1], m[1]),
+                  value)
+
+
 def read_properties(path: Path) -> dict[str, str]:
-    """Parses a Java ``.properties`` file of ``key=value`` lines (``#`` comments)."""
+    """Parses a Java ``.properties`` file of single-line ``key=value`` entries (``#`` comments)."""
     props = {}
     for line in Path(path).read_text().splitlines():
         line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
+        if line and not line.startswith(("#", "!")) and "=" in line:
             key, value = line.split("=", 1)
-            props[key.strip()] = value.strip()
+            props[key.strip()] = _unescape(value.strip())
     return props
 
 
+PATH_KEYS = ("metrics_config", "model_store")
+
+
 def write_config(base: Path, dest: Path, overrides: dict[str, str]) -> Path:
-    """Copies ``base`` to ``dest`` with ``overrides`` replacing or adding keys."""
+    """Copies ``base`` to ``dest`` with ``overrides`` replacing or adding keys.
+
+    Relative paths of ``PATH_KEYS`` are made absolute against ``base``'s folder, so the copy
+    works from any working directory.
+    """
     lines, seen = [], set()
     for line in Path(base).read_text().splitlines():
-        key = line.split("=", 1)[0].strip()
+        key, _, value = (part.strip() for part in line.partition("="))
         if "=" in line and not line.lstrip().startswith("#") and key in overrides:
             lines.append(f"{key}={overrides[key]}")
             seen.add(key)
+        elif key in PATH_KEYS and value and not Path(value).is_absolute():
+            lines.append(f"{key}={(Path(base).resolve().parent / value).resolve()}")
         else:
             lines.append(line)
     lines += [f"{k}={v}" for k, v in overrides.items() if k not in seen]
@@ -67,6 +86,10 @@ class TorchServe:
         model_store: folder of ``.mar`` files.
         models: ``--models`` arguments, e.g. ``["scenes=scenes.mar"]``.
         overrides: config keys to override (e.g. addresses with free ports).
+        restore: start from the newest snapshot in ``logs/config/`` (models, versions, default
+            version, worker counts and the server settings of the first start) instead of
+            ``config``; TorchServe writes a snapshot at startup, after every management change
+            and at shutdown.
     """
 
     workdir: Path
@@ -74,6 +97,7 @@ class TorchServe:
     model_store: Path = ROOT / "model_store"
     models: list[str] = field(default_factory=list)
     overrides: dict[str, str] = field(default_factory=dict)
+    restore: bool = False
     proc: Optional[subprocess.Popen] = None
 
     def __post_init__(self):
@@ -91,13 +115,27 @@ class TorchServe:
     def log_dir(self) -> Path:
         return self.workdir / "logs"
 
+    def last_snapshot(self) -> Optional[Path]:
+        """The newest TorchServe config snapshot of this working directory, if any."""
+        snapshots = sorted((self.log_dir / "config").glob("*.cfg"))  # names start with a timestamp
+        return snapshots[-1] if snapshots else None
+
     def start(self) -> "TorchServe":
-        """Launches ``torchserve --start --foreground`` in a new session, detached from us."""
+        """Launches ``torchserve --start --foreground`` in a new session, detached from us.
+
+        Raises:
+            ServerError: ``restore`` is set but there is no snapshot to restore.
+        """
         env = dict(os.environ, TMPDIR=str(self.workdir), TEMP=str(self.workdir),
                    LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
+        config = self.config_path
+        if self.restore:
+            config = self.last_snapshot()
+            if config is None:
+                raise ServerError(f"nothing to restore: no snapshot in {self.log_dir / 'config'}")
         cmd = [str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground",
-               "--ts-config", str(self.config_path), "--model-store", str(Path(self.model_store).resolve())]
-        if self.models:
+               "--ts-config", str(config), "--model-store", str(Path(self.model_store).resolve())]
+        if self.models and not self.restore:
             cmd += ["--models", *self.models]
         self.log_dir.mkdir(exist_ok=True)
         with open(self.log_dir / "console.log", "ab") as out:

@@ -64,3 +64,31 @@ def jpeg_bytes() -> bytes:
 def three_class_checkpoint(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_best.pt",
                            ["cat", "dog", "bird"])
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1."""
+    import socket
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def server_overrides(**extra: str) -> dict:
+    """config.properties overrides putting every TorchServe listener on a free loopback port."""
+    inf, mgmt, met, grpc_inf, grpc_mgmt = free_ports(5)
+    return {"inference_address": f"http://127.0.0.1:{inf}",
+            "management_address": f"http://127.0.0.1:{mgmt}",
+            "metrics_address": f"http://127.0.0.1:{met}",
+            "grpc_inference_port": str(grpc_inf), "grpc_management_port": str(grpc_mgmt), **extra}
+
+
+def build_archive(checkpoint: Path, store: Path, name: str, *extra: str) -> Path:
+    """Builds ``store/<name or --archive-name>.mar`` with ``training.archive``."""
+    from training import archive
+    return archive.main(archive.get_args_parser().parse_args([
+        "--checkpoint", str(checkpoint), "--model-name", name, "--export-path", str(store), *extra]))

@@ -2,7 +2,6 @@
 
 import base64
 import json
-import socket
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,9 +9,8 @@ import pytest
 import requests
 import torch
 
-from conftest import encode, scene
+from conftest import build_archive, encode, scene, server_overrides
 from scripts.ts_server import TorchServe
-from training import archive
 from training.predict import load_classifier
 
 pytestmark = pytest.mark.e2e
@@ -20,33 +18,15 @@ MODEL = "tiny3"
 MAX_REQUEST_BYTES = 1024 * 1024
 
 
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, three_class_checkpoint):
     store = tmp_path_factory.mktemp("model_store")
     # default k 5 > 3 classes; batches of up to 4 gathered for 200 ms so concurrent requests share one
-    archive.main(archive.get_args_parser().parse_args([
-        "--checkpoint", str(three_class_checkpoint), "--model-name", MODEL, "--version", "1.0",
-        "--export-path", str(store), "--batch-size", "4", "--max-batch-delay", "200",
-        "--num-threads", "1"]))
-    inf, mgmt, met, grpc_inf, grpc_mgmt = free_ports(5)
+    build_archive(three_class_checkpoint, store, MODEL, "--version", "1.0", "--batch-size", "4",
+                  "--max-batch-delay", "200", "--num-threads", "1")
     ts = TorchServe(workdir=tmp_path_factory.mktemp("ts"), model_store=store,
                     models=[f"{MODEL}={MODEL}.mar"],
-                    overrides={"inference_address": f"http://127.0.0.1:{inf}",
-                               "management_address": f"http://127.0.0.1:{mgmt}",
-                               "metrics_address": f"http://127.0.0.1:{met}",
-                               "grpc_inference_port": str(grpc_inf),
-                               "grpc_management_port": str(grpc_mgmt),
-                               "max_request_size": str(MAX_REQUEST_BYTES)}).start()
+                    overrides=server_overrides(max_request_size=str(MAX_REQUEST_BYTES))).start()
     try:
         ts.wait_ready([MODEL], timeout_s=180)
         yield ts

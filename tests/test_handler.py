@@ -2,15 +2,16 @@
 
 import base64
 import json
-import uuid
+import logging
+import re
 
 import pytest
 import torch
 import yaml
 from ts.context import Context, RequestProcessor
-from ts.metrics.metrics_store import MetricsStore
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-from conftest import TINY_PREPROCESSING, encode, make_checkpoint, scene
+from conftest import ROOT, TINY_PREPROCESSING, encode, scene
 from handler.preprocessing import EvalTransform
 from training.archive import export_files, get_args_parser
 from training.data import image_folder
@@ -29,9 +30,16 @@ def _model_dir(tmp_path, checkpoint, *archive_args):
     return tmp_path, yaml.safe_load(files["config"].read_text())
 
 
+def _metrics_cache():
+    """The metrics cache a TorchServe worker builds from config.properties' metrics_config."""
+    cache = MetricsCacheYamlImpl(config_file_path=str(ROOT / "monitoring" / "metrics.yaml"))
+    cache.initialize_cache()
+    return cache
+
+
 def _context(model_dir, cfg, headers=None, n=1):
-    ctx = Context("m", str(model_dir), {"model": {"serializedFile": "model.pt"}}, 8, None, "0.12.0",
-                  metrics=MetricsStore(uuid.uuid4(), "m"), model_yaml_config=cfg)
+    ctx = Context("m", str(model_dir), {"model": {"serializedFile": "model.pt", "modelVersion": "1.0"}},
+                  8, None, "0.12.0", metrics=_metrics_cache(), model_yaml_config=cfg)
     ctx.request_processor = [RequestProcessor(h) for h in (headers or [{}] * n)]
     return ctx
 
@@ -127,3 +135,25 @@ def test_evaluation_and_handler_see_identical_tensors(tmp_path, three_class_chec
     h.initialize(_context(model_dir, cfg))
     batch = h.preprocess([{"body": big}])
     assert torch.equal(batch.images[0], eval_tensor)
+
+
+def test_metrics_are_emitted_per_stage_and_per_rejection(handler, jpeg_bytes, caplog):
+    h, model_dir, cfg = handler
+    with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
+        _run(h, model_dir, cfg, [{"body": jpeg_bytes}, {"body": b"junk"}, {"data": jpeg_bytes, "topk": b"-1"},
+                                 {"body": jpeg_bytes}])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
+
+    def emitted(name):
+        pattern = re.compile(rf"\[METRICS\]{name}\.\w+:([0-9.e-]+)\|#(.*?)\|#type:(\w+)")
+        return [(float(m[1]), m[2], m[3]) for m in map(pattern.match, lines) if m]
+    assert len(emitted("classifier_preprocess_seconds")) == 2  # per decoded image
+    assert [v for v, _, _ in emitted("classifier_batch_size")] == [2.0]
+    assert len(emitted("classifier_inference_seconds")) == 1
+    top1 = emitted("classifier_top1_probability")
+    assert len(top1) == 2 and all(1 / 3 <= v <= 1 for v, _, _ in top1)
+    rejected = emitted("classifier_rejected_inputs_total")
+    assert sorted(dims.rsplit(":", 1)[1] for _, dims, _ in rejected) == ["bad_parameter", "undecodable"]
+    assert all(kind == "COUNTER" for _, _, kind in rejected)
+    assert all(kind == "HISTOGRAM" for _, _, kind in top1)
+    assert all("ModelName:m,ModelVersion:1.0" in dims for _, dims, _ in top1 + rejected)

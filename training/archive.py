@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint_best.pt from training")
     p.add_argument("--model-name", required=True, help="name in URLs: /predictions/<model-name>")
     p.add_argument("--version", default="1.0", help="model version")
+    p.add_argument("--archive-name", default=None,
+                   help="file name without .mar (default: the model name); lets v2 sit beside v1")
     p.add_argument("--export-path", type=Path, default=ROOT / "model_store", help="where the .mar goes")
     p.add_argument("--topk", type=int, default=5, help="default k when a request names none")
     p.add_argument("--batch-size", type=int, default=8, help="largest batch a worker is given")
@@ -92,7 +95,7 @@ def export_files(checkpoint: dict, dest: Path, args) -> dict[str, Path]:
 
 
 def main(args) -> Path:
-    """Builds ``<export-path>/<model-name>.mar`` (overwriting). Returns its path.
+    """Builds ``<export-path>/<archive-name or model-name>.mar`` (overwriting). Returns its path.
 
     Raises:
         subprocess.CalledProcessError: torch-model-archiver failed.
@@ -102,6 +105,7 @@ def main(args) -> Path:
         raise ValueError("--topk must be >= 1")
     checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     args.export_path.mkdir(parents=True, exist_ok=True)
+    mar = args.export_path / f"{args.archive_name or args.model_name}.mar"
     with tempfile.TemporaryDirectory() as tmp:
         files = export_files(checkpoint, Path(tmp), args)
         extra = [str(p) for p in EXTRA_FILES] + [str(files["labels"])]
@@ -109,8 +113,8 @@ def main(args) -> Path:
                         "--model-name", args.model_name, "--version", args.version,
                         "--handler", str(HANDLER), "--serialized-file", str(files["model"]),
                         "--extra-files", ",".join(extra), "--config-file", str(files["config"]),
-                        "--export-path", str(args.export_path), "--force"], check=True)
-    mar = args.export_path / f"{args.model_name}.mar"
+                        "--export-path", tmp, "--force"], check=True)
+        shutil.move(Path(tmp) / f"{args.model_name}.mar", mar)
     logger.info("wrote %s (version %s, %s, %d classes, val accuracy %s)", mar, args.version,
                 checkpoint["arch"], checkpoint["num_classes"],
                 checkpoint.get("metrics", {}).get("best_val_accuracy"))

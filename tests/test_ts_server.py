@@ -1,0 +1,41 @@
+"""The server helpers: config copies, Java properties (snapshots), restore targets."""
+
+import json
+
+import pytest
+
+from scripts.serve import restored_models
+from scripts.ts_server import ROOT, TorchServe, model_names, read_properties, write_config
+
+pytestmark = pytest.mark.unit
+
+
+def test_snapshot_properties_are_unescaped(tmp_path):
+    snapshot = {"name": "x-shutdown.cfg", "models": {"scenes": {"1.0": {"defaultVersion": True}},
+                                                       "digits": {"2.0": {"defaultVersion": True}}}}
+    escaped = json.dumps(snapshot, indent=1).replace("\n", "\\n").replace(":", "\\:")
+    (tmp_path / "logs" / "config").mkdir(parents=True)
+    (tmp_path / "logs" / "config" / "20260101000000000-startup.cfg").write_text("a=1\n")
+    (tmp_path / "logs" / "config" / "20260102000000000-shutdown.cfg").write_text(
+        "#Saving snapshot\ninference_address=http\\://127.0.0.1\\:8080\n"
+        f"model_snapshot={escaped}\nkey\\u0041=v\\=w\n")
+    props = read_properties(tmp_path / "logs" / "config" / "20260102000000000-shutdown.cfg")
+    assert props["inference_address"] == "http://127.0.0.1:8080"
+    assert json.loads(props["model_snapshot"]) == snapshot
+    server = TorchServe(workdir=tmp_path, restore=True)
+    assert server.last_snapshot().name == "20260102000000000-shutdown.cfg"
+    assert restored_models(server) == ["scenes", "digits"]
+
+
+def test_config_copy_overrides_and_absolute_paths(tmp_path):
+    dest = write_config(ROOT / "config.properties", tmp_path / "c.properties",
+                        {"inference_address": "http://127.0.0.1:1234", "job_queue_size": "7"})
+    props = read_properties(dest)
+    assert props["inference_address"] == "http://127.0.0.1:1234" and props["job_queue_size"] == "7"
+    assert props["metrics_config"] == str(ROOT / "monitoring" / "metrics.yaml")
+    assert props["model_store"] == str(ROOT / "model_store")
+    assert props["allowed_urls"] == "/.*" and props["enable_model_api"] == "true"
+
+
+def test_model_names_from_models_arguments():
+    assert model_names(["scenes=scenes_v2.mar", "model_store/digits.mar"]) == ["scenes", "digits"]
