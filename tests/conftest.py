@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import sys
 from pathlib import Path
@@ -85,6 +86,19 @@ def server_overrides(**extra: str) -> dict:
             "management_address": f"http://127.0.0.1:{mgmt}",
             "metrics_address": f"http://127.0.0.1:{met}",
             "grpc_inference_port": str(grpc_inf), "grpc_management_port": str(grpc_mgmt), **extra}
+
+
+@contextlib.contextmanager
+def running_server(workdir: Path, store: Path, models: list[str], **overrides: str):
+    """A real TorchServe on free loopback ports, READY on entry, stopped on exit."""
+    from scripts.ts_server import TorchServe, model_names
+    ts = TorchServe(workdir=workdir, model_store=store, models=models,
+                    overrides=server_overrides(**overrides)).start()
+    try:
+        ts.wait_ready(model_names(models), timeout_s=180)
+        yield ts
+    finally:
+        ts.stop()
 
 
 def build_archive(checkpoint: Path, store: Path, name: str, *extra: str) -> Path:

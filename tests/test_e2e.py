@@ -9,8 +9,7 @@ import pytest
 import requests
 import torch
 
-from conftest import build_archive, encode, scene, server_overrides
-from scripts.ts_server import TorchServe
+from conftest import build_archive, encode, running_server, scene
 from training.predict import load_classifier
 
 pytestmark = pytest.mark.e2e
@@ -24,14 +23,9 @@ def server(tmp_path_factory, three_class_checkpoint):
     # default k 5 > 3 classes; batches of up to 4 gathered for 200 ms so concurrent requests share one
     build_archive(three_class_checkpoint, store, MODEL, "--version", "1.0", "--batch-size", "4",
                   "--max-batch-delay", "200", "--num-threads", "1")
-    ts = TorchServe(workdir=tmp_path_factory.mktemp("ts"), model_store=store,
-                    models=[f"{MODEL}={MODEL}.mar"],
-                    overrides=server_overrides(max_request_size=str(MAX_REQUEST_BYTES))).start()
-    try:
-        ts.wait_ready([MODEL], timeout_s=180)
+    with running_server(tmp_path_factory.mktemp("ts"), store, [f"{MODEL}={MODEL}.mar"],
+                        max_request_size=str(MAX_REQUEST_BYTES)) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import zipfile
 import pytest
 import requests
 
-from conftest import build_archive, encode, make_checkpoint, scene, server_overrides
+from conftest import build_archive, encode, make_checkpoint, running_server, scene
 from scripts import manage
 from scripts.manage import Management, ManagementError
 from scripts.ts_server import TorchServe
@@ -37,13 +37,8 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, store):
-    ts = TorchServe(workdir=tmp_path_factory.mktemp("ts"), model_store=store,
-                    models=[f"{MODEL}={MODEL}.mar"], overrides=server_overrides()).start()
-    try:
-        ts.wait_ready([MODEL], timeout_s=180)
+    with running_server(tmp_path_factory.mktemp("ts"), store, [f"{MODEL}={MODEL}.mar"]) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 def api(ts: TorchServe) -> Management:

@@ -7,8 +7,7 @@ import time
 import pytest
 import requests
 
-from conftest import build_archive, encode, free_ports, scene, server_overrides
-from scripts.ts_server import TorchServe
+from conftest import build_archive, encode, free_ports, running_server, scene
 
 pytestmark = pytest.mark.e2e
 MODEL = "mon3"
@@ -19,13 +18,8 @@ GOOD, UNDECODABLE, BAD_TOPK = 12, 3, 2
 def server(tmp_path_factory, three_class_checkpoint):
     store = tmp_path_factory.mktemp("model_store")
     build_archive(three_class_checkpoint, store, MODEL, "--version", "3.1", "--num-threads", "1")
-    ts = TorchServe(workdir=tmp_path_factory.mktemp("ts"), model_store=store,
-                    models=[f"{MODEL}={MODEL}.mar"], overrides=server_overrides()).start()
-    try:
-        ts.wait_ready([MODEL], timeout_s=180)
+    with running_server(tmp_path_factory.mktemp("ts"), store, [f"{MODEL}={MODEL}.mar"]) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.fixture(scope="module")
