@@ -1,0 +1,267 @@
+"""Reliability against a real TorchServe: hostile input, soak, worker crash, full queue, timeout.
+
+Bounded and self-stopping, loopback only. CI sizes are modest; the full sizes run with
+``RELIABILITY_FULL=1`` (soak 20000 requests). Figures are printed for the record (``pytest -s``).
+"""
+
+import base64
+import io
+import json
+import os
+import signal
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import psutil
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from conftest import build_archive, encode, make_checkpoint, running_server, scene
+from training.predict import load_classifier
+
+pytestmark = pytest.mark.e2e
+MODEL = "rel3"
+FULL = os.environ.get("RELIABILITY_FULL") == "1"
+MAX_REQUEST_BYTES = 2 * 1024 * 1024
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG header declaring width x height pixels (a decompression bomb needs no pixel data)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def animated_gif() -> bytes:
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
+
+
+def palette_png_with_transparency() -> bytes:
+    img = scene(40, 30, seed=6).convert("P", palette=Image.ADAPTIVE, colors=16)
+    return encode(img, "PNG", transparency=0)
+
+
+JPEG = encode(scene(seed=11))
+# name -> (requests kwargs, expected status, expected "type" or None for a 200)
+CORPUS = {
+    "empty body": (dict(data=b""), 400, "undecodable"),
+    "random bytes": (dict(data=np.random.default_rng(0).bytes(5000)), 400, "undecodable"),
+    "truncated JPEG": (dict(data=JPEG[: len(JPEG) // 3]), 400, "undecodable"),
+    "PNG declaring 50000x50000": (dict(data=png_declaring(50000, 50000)), 413, "too_large"),
+    "1x1 image": (dict(data=encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG")), 200, None),
+    "20000x10 image": (dict(data=encode(scene(20000, 10), "PNG")), 200, None),
+    "animated GIF": (dict(data=animated_gif()), 200, None),
+    "CMYK JPEG": (dict(data=encode(scene(seed=12).convert("CMYK"), "JPEG")), 200, None),
+    "16-bit PNG": (dict(data=encode(Image.fromarray(np.full((20, 20), 40000, np.uint16)), "PNG")), 200, None),
+    "palette PNG with transparency": (dict(data=palette_png_with_transparency()), 200, None),
+    "SVG": (dict(data=b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>'), 400, "undecodable"),
+    "PDF": (dict(data=b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n"), 400, "undecodable"),
+    "text file named .jpg": (dict(files={"data": ("photo.jpg", b"just text", "image/jpeg")}), 400, "undecodable"),
+    "JSON with invalid base64": (dict(json={"data": "%%%not base64%%%"}), 400, "bad_request"),
+    "JSON without the image field": (dict(json={"topk": 2}), 400, "bad_request"),
+    "multipart without a file": (dict(files={"topk": (None, "2")}), 400, "bad_request"),
+    "topk=0": (dict(files={"data": JPEG, "topk": (None, "0")}), 422, "bad_parameter"),
+    "topk=-1": (dict(files={"data": JPEG, "topk": (None, "-1")}), 422, "bad_parameter"),
+    "topk=abc": (dict(files={"data": JPEG, "topk": (None, "abc")}), 422, "bad_parameter"),
+    "topk=10000 (clamped)": (dict(files={"data": JPEG, "topk": (None, "10000")}), 200, None),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("rel") / "ckpt.pt", ["cat", "dog", "bird"], seed=3)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, checkpoint):
+    store = tmp_path_factory.mktemp("store")
+    build_archive(checkpoint, store, MODEL, "--batch-size", "8", "--max-batch-delay", "10",
+                  "--num-threads", "1")
+    with running_server(tmp_path_factory.mktemp("ts"), store, [f"{MODEL}={MODEL}.mar"],
+                        max_request_size=str(MAX_REQUEST_BYTES)) as ts:
+        yield ts
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    model, classes, tf = load_classifier(checkpoint, torch.device("cpu"))
+
+    def top(data: bytes):
+        with torch.inference_mode():
+            probs = model(tf.load(data)[None]).softmax(1)[0]
+        return classes[int(probs.argmax())], float(probs.max())
+    return top
+
+
+def url(ts, model=MODEL, version=None):
+    return f"{ts.url('inference')}/predictions/{model}" + (f"/{version}" if version else "")
+
+
+def worker_pids(ts):
+    return sorted(w["pid"] for w in ts.workers(MODEL))
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_hostile_input_is_answered_alone(server, reference, name):
+    kwargs, status, kind = CORPUS[name]
+    auth = server.headers("inference")
+    pids = worker_pids(server)
+    with ThreadPoolExecutor(2) as pool:  # the good request shares a batch with the hostile one
+        hostile = pool.submit(requests.post, url(server), headers=auth, timeout=60, **kwargs)
+        good = pool.submit(requests.put, url(server), data=JPEG, headers=auth, timeout=60)
+        hostile, good = hostile.result(), good.result()
+    assert good.status_code == 200 and good.json()[0]["label"] == reference(JPEG)[0]
+    assert hostile.status_code == status, hostile.text
+    body = hostile.json()
+    if kind is None:
+        assert isinstance(body, list) and 1 <= len(body) <= 3
+    else:
+        assert body["type"] == kind and body["code"] == status and len(body["message"]) > 10
+    assert worker_pids(server) == pids  # the worker stayed up
+
+
+def test_frontend_errors(server):
+    auth = server.headers("inference")
+    too_big = requests.put(url(server), data=b"\xff" * (MAX_REQUEST_BYTES + 1), headers=auth, timeout=60)
+    assert too_big.status_code == 413
+    for u in (url(server, "no-such-model"), url(server, version="9.9")):
+        r = requests.put(u, data=JPEG, headers=auth, timeout=60)
+        assert r.status_code == 404 and r.json()["type"] in ("ModelNotFoundException",
+                                                             "ModelVersionNotFoundException")
+
+
+def rss_mb(ts) -> dict:
+    """Resident memory (MiB) of the frontend (java) and each worker of the server."""
+    root = psutil.Process(ts.proc.pid)
+    out = {}
+    for p in root.children(recursive=True):
+        name = "frontend" if "java" in p.name() else (f"worker {p.pid}" if "python" in p.name() else None)
+        if name:
+            out[name] = round(p.memory_info().rss / 2**20, 1)
+    return out
+
+
+def test_soak_mixed_traffic(server, reference):
+    n = 20000 if FULL else 5000
+    goods = [encode(scene(seed=100 + i)) for i in range(4)]
+    expected = {g: reference(g) for g in goods}
+    bads = [b"", b"\x00" * 50, JPEG[:200], b"GIF89a nope"]
+    plan = [bads[i % 4] if i % 20 == 19 else goods[i % 4] for i in range(n)]  # 5 % bad
+    auth = server.headers("inference")
+    rss_start = rss_mb(server)
+    session = requests.Session()
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=16))
+
+    def send(body):
+        try:
+            r = session.put(url(server), data=body, headers=auth, timeout=60)
+            return body, r.status_code, r.json()
+        except (requests.RequestException, ValueError) as exc:
+            return body, 0, str(exc)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(send, plan))
+    wall = time.perf_counter() - t0
+    rss_end = rss_mb(server)
+    statuses = [s for _, s, _ in results]
+    wrong = [(body in expected, s, ans) for body, s, ans in results
+             if (body in expected and (s != 200 or ans[0]["label"] != expected[body][0]
+                                       or abs(ans[0]["probability"] - expected[body][1]) > 1e-4))
+             or (body not in expected and s != 400)]
+    print(f"\n[soak] {n} requests at concurrency 16 in {wall:.1f} s ({n / wall:.0f} req/s): "
+          f"2xx {sum(s == 200 for s in statuses)}, 4xx {sum(400 <= s < 500 for s in statuses)}, "
+          f"5xx {sum(s >= 500 for s in statuses)}, lost {statuses.count(0)}; RSS MiB start {rss_start} "
+          f"end {rss_end}")
+    assert not wrong, wrong[:5]
+    assert statuses.count(200) == n - n // 20 and statuses.count(400) == n // 20
+
+
+def test_worker_killed_during_load_is_restarted(server):
+    auth = server.headers("inference")
+    (pid,) = worker_pids(server)
+    results, stop = [], False
+
+    def loop():
+        s = requests.Session()
+        while not stop:
+            t = time.monotonic()
+            try:
+                results.append((t, s.put(url(server), data=JPEG, headers=auth, timeout=30).status_code))
+            except requests.RequestException:
+                results.append((t, 0))
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(loop) for _ in range(4)]
+        time.sleep(2)
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        recovered_at = None
+        deadline = killed_at + 120
+        while time.monotonic() < deadline:
+            ok_after = [t for t, s in results if s == 200 and t > killed_at + 0.1]
+            new = [p for p in worker_pids(server) if p != pid]
+            if ok_after and new and all(w["status"] == "READY" for w in server.workers(MODEL)):
+                recovered_at = min(ok_after)
+                break
+            time.sleep(0.2)
+        time.sleep(2)
+        stop = True
+        for f in futures:
+            f.result()
+    failed = [(round(t - killed_at, 2), s) for t, s in results if s != 200]
+    print(f"\n[worker kill -9] requests {len(results)}, failed {len(failed)} {failed[:8]}, "
+          f"recovery {recovered_at - killed_at if recovered_at else None:.2f} s")
+    assert recovered_at is not None, "no new READY worker answered within 120 s"
+    assert all(-0.5 <= t <= recovered_at - killed_at for t, _ in failed)  # only around the crash
+    # TorchServe answers the batch that was on the killed worker with 507 ("Worker died")
+    assert all(s == 507 for _, s in failed), failed
+    assert requests.put(url(server), data=JPEG, headers=auth, timeout=30).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory):
+    """A deliberately slow model (DenseNet121 at 1024 px, about 1-2 s per image on 2 cores)."""
+    root = tmp_path_factory.mktemp("slow")
+    ckpt = make_checkpoint(root / "slow.pt", ["a", "b"], arch="densenet121",
+                           preprocessing={"crop_size": 1024, "resize_size": 1024,
+                                          "mean": [0.5] * 3, "std": [0.25] * 3})
+    store = root / "store"
+    build_archive(ckpt, store, "slowq", "--batch-size", "1", "--response-timeout", "120")
+    build_archive(ckpt, store, "slowt", "--batch-size", "1", "--response-timeout", "1")
+    with running_server(root / "ts", store, ["slowq=slowq.mar", "slowt=slowt.mar"],
+                        job_queue_size="3") as ts:
+        yield ts
+
+
+def test_full_queue_answers_503_quickly(slow_server):
+    auth = slow_server.headers("inference")
+
+    def send(_):
+        t = time.perf_counter()
+        r = requests.put(url(slow_server, "slowq"), data=JPEG, headers=auth, timeout=300)
+        return r.status_code, time.perf_counter() - t, r.text
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(send, range(12)))
+    rejected = [(s, round(dt, 2), text) for s, dt, text in results if s != 200]
+    accepted = [dt for s, dt, _ in results if s == 200]
+    print(f"\n[queue full] 12 concurrent, job_queue_size 3: 200 x{len(accepted)} "
+          f"(max {max(accepted):.1f} s), 503 x{len(rejected)} (max {max(d for _, d, _ in rejected):.2f} s)")
+    assert rejected and all(s == 503 for s, _, _ in rejected)
+    assert all(dt < 2.0 for _, dt, _ in rejected)  # refused at once, not after a wait
+    assert len(accepted) >= 3
+
+
+def test_request_outliving_response_timeout_is_answered(slow_server):
+    auth = slow_server.headers("inference")
+    t = time.perf_counter()
+    r = requests.put(url(slow_server, "slowt"), data=JPEG, headers=auth, timeout=120)
+    elapsed = time.perf_counter() - t
+    print(f"\n[timeout] responseTimeout 1 s: HTTP {r.status_code} after {elapsed:.1f} s: {r.text[:120]}")
+    assert r.status_code >= 500 and elapsed < 60
+    slow_server.wait_ready(["slowt"], timeout_s=180)  # the worker comes back
