@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -60,7 +61,12 @@ def write_config(base: Path, dest: Path, overrides: dict[str, str]) -> Path:
 
     Relative paths of ``PATH_KEYS`` are made absolute against ``base``'s folder, so the copy
     works from any working directory.
+
+    Raises:
+        ValueError: ``dest`` is ``base`` (the project's config must never be rewritten).
     """
+    if Path(dest).resolve() == Path(base).resolve():
+        raise ValueError(f"refusing to overwrite {base} with its own server copy")
     lines, seen = [], set()
     for line in Path(base).read_text().splitlines():
         key, _, value = (part.strip() for part in line.partition("="))
@@ -102,8 +108,9 @@ class TorchServe:
 
     def __post_init__(self):
         self.workdir = Path(self.workdir).resolve()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path = write_config(self.config, self.workdir / "config.properties",
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        # the copy lives under logs/ (git-ignored): workdir may be the repository root
+        self.config_path = write_config(self.config, self.log_dir / "ts.config.properties",
                                         self.overrides)
         self.props = read_properties(self.config_path)
 
@@ -233,6 +240,26 @@ def stop_pid_file(pid_file: Path, timeout_s: float = 30.0) -> bool:
         time.sleep(0.2)
     os.killpg(pid, signal.SIGKILL)
     return True
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def server_overrides(**extra: str) -> dict:
+    """config.properties overrides putting every TorchServe listener on a free loopback port."""
+    inf, mgmt, met, grpc_inf, grpc_mgmt = free_ports(5)
+    return {"inference_address": f"http://127.0.0.1:{inf}",
+            "management_address": f"http://127.0.0.1:{mgmt}",
+            "metrics_address": f"http://127.0.0.1:{met}",
+            "grpc_inference_port": str(grpc_inf), "grpc_management_port": str(grpc_mgmt), **extra}
 
 
 def model_names(models: list[str]) -> list[str]:

@@ -17,6 +17,7 @@ for path in (ROOT, ROOT / "handler", ROOT / "training"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from scripts.ts_server import TorchServe, model_names, server_overrides  # noqa: E402
 from training.models import build_model  # noqa: E402
 
 TINY_ARCH = "mobilenet_v3_small"  # 1.5 M parameters: fast enough for every test
@@ -67,31 +68,9 @@ def three_class_checkpoint(tmp_path_factory) -> Path:
                            ["cat", "dog", "bird"])
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1."""
-    import socket
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def server_overrides(**extra: str) -> dict:
-    """config.properties overrides putting every TorchServe listener on a free loopback port."""
-    inf, mgmt, met, grpc_inf, grpc_mgmt = free_ports(5)
-    return {"inference_address": f"http://127.0.0.1:{inf}",
-            "management_address": f"http://127.0.0.1:{mgmt}",
-            "metrics_address": f"http://127.0.0.1:{met}",
-            "grpc_inference_port": str(grpc_inf), "grpc_management_port": str(grpc_mgmt), **extra}
-
-
 @contextlib.contextmanager
 def running_server(workdir: Path, store: Path, models: list[str], **overrides: str):
     """A real TorchServe on free loopback ports, READY on entry, stopped on exit."""
-    from scripts.ts_server import TorchServe, model_names
     ts = TorchServe(workdir=workdir, model_store=store, models=models,
                     overrides=server_overrides(**overrides)).start()
     try:

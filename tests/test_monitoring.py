@@ -7,7 +7,8 @@ import time
 import pytest
 import requests
 
-from conftest import build_archive, encode, free_ports, running_server, scene
+from conftest import build_archive, encode, running_server, scene
+from scripts.ts_server import free_ports
 
 pytestmark = pytest.mark.e2e
 MODEL = "mon3"

@@ -4,9 +4,6 @@ Bounded and self-stopping, loopback only. CI sizes are modest; the full sizes ru
 ``RELIABILITY_FULL=1`` (soak 20000 requests). Figures are printed for the record (``pytest -s``).
 """
 
-import base64
-import io
-import json
 import os
 import signal
 import struct

@@ -39,3 +39,13 @@ def test_config_copy_overrides_and_absolute_paths(tmp_path):
 
 def test_model_names_from_models_arguments():
     assert model_names(["scenes=scenes_v2.mar", "model_store/digits.mar"]) == ["scenes", "digits"]
+
+
+def test_server_never_rewrites_the_project_config(tmp_path):
+    before = (ROOT / "config.properties").read_text()
+    server = TorchServe(workdir=ROOT, overrides={"job_queue_size": "9"})
+    assert server.config_path == ROOT / "logs" / "ts.config.properties"
+    assert read_properties(server.config_path)["job_queue_size"] == "9"
+    assert (ROOT / "config.properties").read_text() == before
+    with pytest.raises(ValueError, match="refusing"):
+        write_config(ROOT / "config.properties", ROOT / "config.properties", {})
