@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import requests
@@ -65,10 +66,21 @@ class Management:
                           synchronous="true")
 
     def scale(self, name: str, min_workers: int, max_workers: int | None = None,
-              version: str | None = None) -> dict:
-        return self._call("PUT", f"/models/{name}" + (f"/{version}" if version else ""),
-                          min_worker=min_workers, max_worker=max_workers or min_workers,
-                          synchronous="true")
+                version: str | None = None, attempts: int = 3) -> dict:
+        """Sets the worker count. Retries TorchServe 0.12's transient 500
+        ConcurrentModificationException: scaling down under load races in
+        WorkerThread.shutdown() -> BatchAggregator.sendError(); the call is idempotent."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._call("PUT", f"/models/{name}" + (f"/{version}" if version else ""),
+                                  min_worker=min_workers, max_worker=max_workers or min_workers,
+                                  synchronous="true")
+            except ManagementError as exc:
+                if "ConcurrentModificationException" not in str(exc) or attempt == attempts:
+                    raise
+                print(f"warning: scale attempt {attempt} hit TorchServe's {exc}; retrying",
+                      file=sys.stderr)
+                time.sleep(1.0)
 
     def set_default(self, name: str, version: str) -> dict:
         return self._call("PUT", f"/models/{name}/{version}/set-default")
