@@ -25,6 +25,7 @@ import time
 from http import HTTPStatus
 
 import torch
+from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
@@ -115,6 +116,7 @@ class ImageClassifierHandler(BaseHandler):
     def _init_metrics(self, context) -> None:
         """Looks up (or, if the metrics config lacks them, creates) the handler's metrics."""
         self.metric_dims = [context.model_name, str(self.manifest["model"].get("modelVersion", ""))]
+        self.worker_dim = str(os.getpid())
         self.metrics = {}
         cache = context.metrics
         wanted = [(n, "Seconds" if n.endswith("_seconds") else "Count", MetricTypes.HISTOGRAM,
@@ -126,7 +128,7 @@ class ImageClassifierHandler(BaseHandler):
         for name, unit, kind, dims in wanted:
             try:
                 self.metrics[name] = cache.get_metric(name, kind)
-            except Exception:  # not declared in the metrics config: emitted to the log only
+            except MetricsCacheKeyError:  # not declared in the metrics config: log only
                 self.metrics[name] = cache.add_metric_to_cache(name, unit, dims, kind)
 
     def _observe(self, name: str, value: float, *extra_dims: str) -> None:
@@ -168,7 +170,7 @@ class ImageClassifierHandler(BaseHandler):
                 torch.cuda.synchronize(batch.probs.device)
             self._observe("classifier_inference_seconds", time.perf_counter() - start)
             self._observe("classifier_batch_size", len(batch.rows))
-            self._observe(self.BATCHES, 1, str(os.getpid()))
+            self._observe(self.BATCHES, 1, self.worker_dim)
         return batch
 
     def postprocess(self, batch: Batch) -> list:

@@ -144,7 +144,6 @@ class TorchServe:
                "--ts-config", str(config), "--model-store", str(Path(self.model_store).resolve())]
         if self.models and not self.restore:
             cmd += ["--models", *self.models]
-        self.log_dir.mkdir(exist_ok=True)
         with open(self.log_dir / "console.log", "ab") as out:
             self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
