@@ -17,7 +17,9 @@ export DATA MODEL TRAIN_ARGS ARCHIVE_ARGS
 
 .PHONY: setup system-deps demo test test-unit serve stop clean
 
-setup: $(STAMP) system-deps
+PATCHES := build/ts-patches.jar
+
+setup: $(STAMP) system-deps $(PATCHES)
 
 $(STAMP): requirements.txt
 	python3 -m venv .venv
@@ -28,6 +30,10 @@ $(STAMP): requirements.txt
 
 system-deps:
 	@bash scripts/ensure_system_deps.sh
+
+# Java agent fixing TorchServe 0.12's frontend (graceful scale-down, 401 for bad tokens).
+$(PATCHES): $(shell find scripts/ts_patches -type f) $(STAMP) | system-deps
+	bash scripts/ts_patches/build.sh $(PY) $@
 
 demo: setup
 	bash scripts/demo.sh

@@ -1,8 +1,9 @@
 """TorchServe handler: image bytes in, top-k labels with probabilities out.
 
-Packaged in the model archive with ``preprocessing.py``, ``postprocessing.py``, ``models.py``
-(from ``training/``), ``index_to_name.json`` and ``model-config.yaml``; the archive's files
-sit flat on ``sys.path`` in the worker, hence the flat imports.
+Packaged in the model archive with ``preprocessing.py``, ``postprocessing.py``, ``payload.py``,
+``backends.py``, ``models.py`` (from ``training/``), ``index_to_name.json``,
+``model-config.yaml`` and, for the ONNX Runtime back-ends, ``model.onnx`` / ``model.int8.onnx``;
+the archive's files sit flat on ``sys.path`` in the worker, hence the flat imports.
 
 Request forms (one image per request; TorchServe's dynamic batching groups requests):
   * raw body: ``curl -T img.jpg`` or ``--data-binary @img.jpg -H "Content-Type: image/jpeg"``
@@ -29,6 +30,7 @@ from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from backends import BACKENDS, ONNX_FILES, make_runner
 from models import build_model
 from payload import Batch, InternalError, parse_request, parse_topk
 from postprocessing import topk_records
@@ -43,7 +45,11 @@ class ImageClassifierHandler(BaseHandler):
         preprocessing: ``EvalTransform`` settings (crop_size, resize_size, mean, std,
             interpolation), written by the archive step from the checkpoint. Required.
         topk: default k (int >= 1). Default 5.
-        num_threads: torch intra-op threads per worker (0: leave torch's default).
+        num_threads: intra-op threads per worker, torch and ONNX Runtime. 0: the worker's
+            CPUs divided by ``maxWorkers`` (at least 1), so that workers don't oversubscribe
+            the cores.
+        backend: one of ``backends.BACKENDS`` (default ``eager``); ONNX Runtime back-ends read
+            the archive's ``model.onnx`` / ``model.int8.onnx``.
 
     Metrics (declared in ``monitoring/metrics.yaml``; dimensions ModelName, ModelVersion):
     ``classifier_{preprocess,inference,postprocess}_seconds`` (histograms: per image, per batch,
@@ -79,9 +85,14 @@ class ImageClassifierHandler(BaseHandler):
             raise ValueError("model-config.yaml needs handler.preprocessing (see training/archive.py)")
         self.transform = EvalTransform.from_dict(cfg["preprocessing"])
         self.default_topk = parse_topk(cfg.get("topk", 5), 5)
+        self.backend = cfg.get("backend", "eager")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"handler.backend {self.backend!r} is not one of {BACKENDS}")
         threads = int(cfg.get("num_threads", 0))
-        if threads > 0:
-            torch.set_num_threads(threads)
+        if threads <= 0:
+            workers = int((context.model_yaml_config or {}).get("maxWorkers") or 1)
+            threads = max(1, len(os.sched_getaffinity(0)) // max(workers, 1))
+        torch.set_num_threads(threads)
 
         gpu_id = props.get("gpu_id")
         if torch.cuda.is_available() and gpu_id is not None:
@@ -99,18 +110,29 @@ class ImageClassifierHandler(BaseHandler):
         if len(self.labels) != exported["num_classes"]:
             raise ValueError(f"index_to_name.json has {len(self.labels)} labels, the model "
                              f"{exported['num_classes']} outputs")
-        head = exported.get("head") or {}
-        model = build_model(exported["arch"], exported["num_classes"],
-                            hidden_units=head.get("hidden_units"), dropout=head.get("dropout", 0.0))
-        model.load_state_dict(exported["state_dict"])
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        model = None
+        if self.backend not in ONNX_FILES:
+            head = exported.get("head") or {}
+            model = build_model(exported["arch"], exported["num_classes"],
+                                hidden_units=head.get("hidden_units"),
+                                dropout=head.get("dropout", 0.0))
+            model.load_state_dict(exported["state_dict"])
+            model = model.eval().to(self.device, memory_format=torch.channels_last)
+        size = self.transform.crop_size
+        example = torch.zeros(max(int(props.get("batch_size") or 1), 1), 3, size, size,
+                              device=self.device).contiguous(memory_format=torch.channels_last)
+        start = time.perf_counter()
+        onnx = os.path.join(model_dir, ONNX_FILES.get(self.backend, ""))
+        self.model = make_runner(self.backend, model, onnx_path=onnx, device=self.device,
+                                 num_threads=threads, example=example)
         with torch.inference_mode():  # warm-up: first-call allocations happen here, not in a request
-            size = self.transform.crop_size
-            self.model(torch.zeros(1, 3, size, size, device=self.device))
+            self.model(example[:1])
+            self.model(example)
         self._init_metrics(context)
         self.initialized = True
-        logger.info("loaded %s (%d classes) on %s, default topk %d, %d intra-op threads",
-                    exported["arch"], len(self.labels), self.device, self.default_topk,
+        logger.info("loaded %s (%d classes) on %s, backend %s (warm-up %.1f s), default topk %d, "
+                    "%d intra-op threads", exported["arch"], len(self.labels), self.device,
+                    self.backend, time.perf_counter() - start, self.default_topk,
                     torch.get_num_threads())
 
     def _init_metrics(self, context) -> None:

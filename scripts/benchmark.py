@@ -1,17 +1,28 @@
-"""Throughput and latency of the served model against its in-process limit.
+"""Throughput and latency of the served model against its in-process limit and the stock handler.
 
     python scripts/benchmark.py --checkpoint runs/intel-scenes/checkpoint_best.pt \\
-        [--images ../shared/data/intel-scenes/test] [--concurrency 1 2 4 8 16 32] [--requests 400]
+        [--images ../shared/data/intel-scenes/test] [--concurrency 1 2 4 8 16 32] [--requests 400] \\
+        [--backends eager onnxruntime onnxruntime-int8 bf16] [--serve eager onnxruntime-int8] \\
+        [--crop-size 224 --resize-size 256] [--stock]
 
-1. In-process limit: the same weights' forward pass on already preprocessed tensors, at batch 1
-   and at ``--batch-size``, with ``--threads`` intra-op threads, no server (eager fp32 ceiling).
-2. Our handler in a real TorchServe (archive built from the checkpoint with ``--batch-size``,
-   ``--max-batch-delay``, ``--workers``, ``--threads``), swept over ``--concurrency``: real photos
-   sent as raw bodies over loopback HTTP; per point throughput (images/s), p50/p90/p99 latency (ms),
-   errors and mean queue time (ms, from TorchServe's ``ts_queue_latency_microseconds``).
+For each back-end in ``--backends`` (``handler/backends.py``) the archive step builds a model
+archive (``training/archive.py --backend``; ONNX export and int8 calibration happen there), and:
+  1. in-process limit: the archive's runner on already preprocessed tensors at batch 1 and at
+     ``--batch-size``, ``--threads`` intra-op threads, no server; plus its warm-up cost (runner
+     construction + first calls) and its top-1 accuracy on ``--accuracy-dir`` (skipped when
+     ``--crop-size`` serves at another resolution than the model was trained at);
+Then one real TorchServe serves the ``--serve`` archives (our handler, batchSize
+``--batch-size``, maxBatchDelay ``--max-batch-delay``, ``--workers`` x ``--threads``) and, with
+``--stock``, TorchServe's stock ``image_classifier`` handler on the same weights with default
+settings (batchSize 1, one worker per core, Resize 256 / CenterCrop 224). Each is swept over
+``--concurrency``: real photos sent as raw bodies over loopback HTTP; per point throughput
+(images/s), p50/p90/p99 latency (ms), errors and mean queue time (ms, TorchServe's
+``ts_queue_latency_microseconds``).
 
-Writes ``benchmark.json`` and ``benchmark.md`` to ``--output-dir`` and prints the ratio of our
-peak throughput to the in-process limit. Bounded (a fixed request count per point), loopback only.
+Writes ``benchmark.json`` and ``benchmark.md`` to ``--output-dir`` and prints the ratios:
+served eager peak / eager in-process limit, default back-end / stock at concurrency 8 (with both
+p99s), best back-end limit / eager limit, and p50 at concurrency 1 against the batch-1 forward
+time. Bounded (a fixed request count per point), loopback only. Figures only: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,47 +43,92 @@ import requests
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from handler.backends import BACKENDS, ONNX_FILES, make_runner  # noqa: E402
 from scripts.classify import list_images  # noqa: E402
 from scripts.ts_server import ROOT, TorchServe, server_overrides  # noqa: E402
 from training import archive  # noqa: E402
+from training.data import image_folder  # noqa: E402
 from training.predict import load_classifier  # noqa: E402
 
-MODEL = "bench"
+DEFAULT_BACKEND = archive.get_args_parser().get_default("backend")
+STOCK = "stock"
+# The stock handler's model file: BaseHandler instantiates the one class defined in it with no
+# arguments and loads the state_dict; __new__ hands back torchvision's own model, whose
+# parameter names equal our checkpoint's when the head is a plain Linear.
+STOCK_MODEL_FILE = '''import torchvision
 
 
-def in_process_limit(checkpoint: Path, images: list[bytes], batch_size: int, threads: int,
-                     seconds: float) -> dict:
-    """Forward-pass throughput on preprocessed tensors (images/s) at batch 1 and ``batch_size``."""
+class StockModel:
+    def __new__(cls):
+        return torchvision.models.get_model({arch!r}, num_classes={num_classes})
+'''
+
+
+def timed_runner(backend: str, checkpoint: Path, model_dir: Path, threads: int, batch: torch.Tensor):
+    """(runner, warm-up seconds): the handler's runner built from the archive's files."""
     torch.set_num_threads(threads)
-    model, _, transform = load_classifier(checkpoint, torch.device("cpu"))
-    tensors = torch.stack([transform.load(images[i % len(images)]) for i in range(batch_size)])
+    start = time.perf_counter()
+    model = None
+    if backend not in ONNX_FILES:
+        model, _, _ = load_classifier(checkpoint, torch.device("cpu"))
+    runner = make_runner(backend, model, onnx_path=str(model_dir / ONNX_FILES.get(backend, "")),
+                         num_threads=threads, example=batch)
+    with torch.inference_mode():
+        runner(batch[:1])
+        runner(batch)
+    return runner, round(time.perf_counter() - start, 2)
+
+
+def in_process_limit(runner, batch: torch.Tensor, seconds: float) -> dict:
+    """Forward-pass throughput (images/s) and ms per batch at batch 1 and ``len(batch)``."""
     out = {}
-    for bs in sorted({1, batch_size}):
-        x = tensors[:bs].contiguous(memory_format=torch.channels_last)
+    for bs in sorted({1, len(batch)}):
+        x = batch[:bs]
         with torch.inference_mode():
-            for _ in range(3):
-                model(x)
+            runner(x)
             n, start = 0, time.perf_counter()
             while time.perf_counter() - start < seconds:
-                model(x)
+                runner(x)
                 n += 1
             elapsed = time.perf_counter() - start
         out[bs] = {"images_per_s": round(n * bs / elapsed, 2), "ms_per_batch": round(1000 * elapsed / n, 2)}
     return out
 
 
-def queue_us_total(ts: TorchServe) -> tuple[float, float]:
-    """(cumulative queue time in µs, requests) for the model, from /metrics."""
+def accuracy(runner, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+    """Top-1 accuracy in percent of ``runner`` on preprocessed ``images``."""
+    with torch.inference_mode():
+        preds = torch.cat([runner(images[i:i + batch_size].contiguous(memory_format=torch.channels_last))
+                           .argmax(1) for i in range(0, len(images), batch_size)])
+    return round(100 * (preds == labels).float().mean().item(), 2)
+
+
+SERVER_TOTALS = {  # figure -> (metric, label naming the model)
+    "queue_us": ("ts_queue_latency_microseconds", "model_name"),
+    "requests": ("ts_inference_requests_total", "model_name"),
+    "preprocess_s": ("classifier_preprocess_seconds_sum", "ModelName"),
+    "preprocessed": ("classifier_preprocess_seconds_count", "ModelName"),
+    "inference_s": ("classifier_inference_seconds_sum", "ModelName"),
+    "batches": ("classifier_inference_seconds_count", "ModelName"),
+}
+
+
+def server_totals(ts: TorchServe, model: str) -> dict[str, float]:
+    """Cumulative ``SERVER_TOTALS`` for ``model`` from /metrics (0 where absent: stock handler)."""
     text = requests.get(f"{ts.url('metrics')}/metrics", timeout=10).text
+    return {key: sum(float(m[1]) for m in re.finditer(
+                rf'^{name}{{(?:[^}}]*,)?{label}="{model}"[^}}]*}} (\S+)', text, re.M))
+            for key, (name, label) in SERVER_TOTALS.items()}
 
-    def total(name):
-        return sum(float(m[1]) for m in re.finditer(rf'^{name}{{model_name="{MODEL}"[^}}]*}} (\S+)', text, re.M))
-    return total("ts_queue_latency_microseconds"), total("ts_inference_requests_total")
 
+def sweep_point(ts: TorchServe, model: str, images: list[bytes], concurrency: int, requests_n: int) -> dict:
+    """Sends ``requests_n`` images at ``concurrency`` in flight; returns the point's figures.
 
-def sweep_point(ts: TorchServe, images: list[bytes], concurrency: int, requests_n: int) -> dict:
-    """Sends ``requests_n`` images at ``concurrency`` in flight; returns the point's figures."""
-    url = f"{ts.url('inference')}/predictions/{MODEL}"
+    Besides client-side throughput and latency: the server's mean queue time per request,
+    and (our handler only) mean preprocessing ms per image, inference ms per batch and
+    images per batch, from the handler's metrics.
+    """
+    url = f"{ts.url('inference')}/predictions/{model}"
     headers = {**ts.headers("inference"), "Content-Type": "application/octet-stream"}
     local = threading.local()
     latencies, errors = [], 0
@@ -89,33 +146,102 @@ def sweep_point(ts: TorchServe, images: list[bytes], concurrency: int, requests_
         with lock:
             latencies.append((time.perf_counter() - t) * 1000)
             errors += not ok
-    q0, r0 = queue_us_total(ts)
+    before = server_totals(ts, model)
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(send, range(requests_n)))
     wall = time.perf_counter() - start
-    q1, r1 = queue_us_total(ts)
+    d = {k: v - before[k] for k, v in server_totals(ts, model).items()}
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
-    return {"concurrency": concurrency, "requests": requests_n, "errors": errors,
-            "images_per_s": round(requests_n / wall, 2), "p50_ms": round(cuts[49], 1),
-            "p90_ms": round(cuts[89], 1), "p99_ms": round(cuts[98], 1),
-            "queue_ms_mean": round((q1 - q0) / max(r1 - r0, 1) / 1000, 2)}
+    point = {"concurrency": concurrency, "requests": requests_n, "errors": errors,
+             "images_per_s": round(requests_n / wall, 2), "p50_ms": round(cuts[49], 1),
+             "p90_ms": round(cuts[89], 1), "p99_ms": round(cuts[98], 1),
+             "queue_ms_mean": round(d["queue_us"] / max(d["requests"], 1) / 1000, 2)}
+    if d["batches"]:
+        point.update(preprocess_ms_mean=round(1000 * d["preprocess_s"] / max(d["preprocessed"], 1), 2),
+                     inference_ms_per_batch=round(1000 * d["inference_s"] / d["batches"], 1),
+                     images_per_batch=round(d["preprocessed"] / d["batches"], 2))
+    return point
+
+
+def build_stock_archive(ckpt: dict, checkpoint_path: Path, store: Path, tmp: Path) -> str:
+    """``store/stock.mar``: the checkpoint's weights behind TorchServe's ``image_classifier``.
+
+    Raises:
+        RuntimeError: the weights don't load into torchvision's stock model (a custom head).
+    """
+    import torchvision
+    try:
+        torchvision.models.get_model(ckpt["arch"], num_classes=ckpt["num_classes"]).load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise RuntimeError(f"--stock needs a plain Linear head: {exc}") from None
+    model_file, weights, labels = tmp / "stock_model.py", tmp / "stock_weights.pt", tmp / "index_to_name.json"
+    model_file.write_text(STOCK_MODEL_FILE.format(arch=ckpt["arch"], num_classes=ckpt["num_classes"]))
+    torch.save(ckpt["model"], weights)
+    labels.write_text(json.dumps({str(i): n for i, n in enumerate(ckpt["class_names"])}))
+    import subprocess
+    subprocess.run([sys.executable, "-m", "model_archiver.model_packaging", "--model-name", STOCK,
+                    "--version", "1.0", "--model-file", str(model_file), "--serialized-file", str(weights),
+                    "--handler", "image_classifier", "--extra-files", str(labels),
+                    "--export-path", str(store), "--force"], check=True)
+    return f"{STOCK}={STOCK}.mar"
 
 
 def to_markdown(result: dict) -> str:
-    cfg, limit = result["config"], result["in_process_limit"]
-    lines = [f"Model `{cfg['arch']}` {cfg['crop_size']} px, batchSize {cfg['batch_size']}, maxBatchDelay "
-             f"{cfg['max_batch_delay']} ms, {cfg['workers']} worker(s) x {cfg['threads']} threads.", "",
-             "In-process limit (preprocessed tensors, eager fp32): " + ", ".join(
-                 f"batch {bs}: {v['images_per_s']} images/s ({v['ms_per_batch']} ms/batch)"
-                 for bs, v in limit.items()), "",
-             "| concurrency | images/s | p50 ms | p90 ms | p99 ms | queue ms | errors |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {p['concurrency']} | {p['images_per_s']} | {p['p50_ms']} | {p['p90_ms']} | {p['p99_ms']} "
-              f"| {p['queue_ms_mean']} | {p['errors']} |" for p in result["sweep"]]
-    lines += ["", f"Peak served / in-process limit at batch {cfg['batch_size']}: "
-                  f"{result['ratio_peak_to_limit']:.2f}"]
+    cfg = result["config"]
+    lines = [f"Model `{cfg['arch']}` {cfg['crop_size']} px ({cfg['images']} photos cycled), "
+             f"batchSize {cfg['batch_size']}, maxBatchDelay {cfg['max_batch_delay']} ms, "
+             f"{cfg['workers']} worker(s) x {cfg['threads']} threads. Stock: image_classifier, "
+             "TorchServe defaults.", "",
+             f"| back-end | batch 1 images/s (ms) | batch {cfg['batch_size']} images/s (ms) "
+             "| vs eager | warm-up s | archive s | top-1 % |", "|---|---|---|---|---|---|---|"]
+    eager = result["backends"].get("eager", {}).get("limit", {}).get(str(cfg["batch_size"]))
+    for name, b in result["backends"].items():
+        one, full = b["limit"]["1"], b["limit"][str(cfg["batch_size"])]
+        vs = f"{full['images_per_s'] / eager['images_per_s']:.2f}x" if eager else "-"
+        lines.append(f"| {name} | {one['images_per_s']} ({one['ms_per_batch']}) | {full['images_per_s']} "
+                     f"({full['ms_per_batch']}) | {vs} | {b['warmup_s']} | {b['archive_s']} "
+                     f"| {b.get('accuracy', 'n/a')} |")
+    for label, sweep in result["sweeps"].items():
+        lines += ["", f"Served: `{label}`", "",
+                  "| concurrency | images/s | p50 ms | p90 ms | p99 ms | queue ms | errors "
+                  "| preprocess ms/image | inference ms/batch | images/batch |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {p['concurrency']} | {p['images_per_s']} | {p['p50_ms']} | {p['p90_ms']} | {p['p99_ms']} "
+                  f"| {p['queue_ms_mean']} | {p['errors']} | {p.get('preprocess_ms_mean', '-')} "
+                  f"| {p.get('inference_ms_per_batch', '-')} | {p.get('images_per_batch', '-')} |"
+                  for p in sweep]
+    lines += ["", "Ratios:"] + [f"- {k}: {v}" for k, v in result["ratios"].items()]
     return "\n".join(lines) + "\n"
+
+
+def ratios(result: dict, batch_size: int) -> dict:
+    """The goals' figures, computed from one run's numbers."""
+    out, bs = {}, str(batch_size)
+    limits, sweeps = result["backends"], result["sweeps"]
+
+    def at(label, c):
+        return next((p for p in sweeps.get(label, []) if p["concurrency"] == c), None)
+    for label, sweep in sweeps.items():
+        backend = label.split(":", 1)[-1]
+        if backend in limits:
+            peak = max(p["images_per_s"] for p in sweep)
+            out[f"{label} peak / in-process limit"] = round(peak / limits[backend]["limit"][bs]["images_per_s"], 2)
+            c1 = at(label, 1)
+            if c1:
+                out[f"{label} p50 at concurrency 1 - batch-1 forward (ms)"] = round(
+                    c1["p50_ms"] - limits[backend]["limit"]["1"]["ms_per_batch"], 1)
+    for label in sweeps:
+        ours, stock = at(label, 8), at(STOCK, 8)
+        if label != STOCK and ours and stock:
+            out[f"{label} / stock at concurrency 8"] = round(ours["images_per_s"] / stock["images_per_s"], 2)
+            out[f"{label} p99 / stock p99 at concurrency 8"] = round(ours["p99_ms"] / stock["p99_ms"], 2)
+    if "eager" in limits:
+        base = limits["eager"]["limit"][bs]["images_per_s"]
+        for name, b in limits.items():
+            if name != "eager":
+                out[f"{name} in-process / eager in-process (batch {bs})"] = round(b["limit"][bs]["images_per_s"] / base, 2)
+    return out
 
 
 def main(args) -> dict:
@@ -124,33 +250,72 @@ def main(args) -> dict:
         raise SystemExit(f"no images under {args.images}")
     images = [p.read_bytes() for p in paths]
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    limit = in_process_limit(args.checkpoint, images, args.batch_size, args.threads, args.limit_seconds)
-    print(f"in-process limit: {limit}")
+    trained_at = ckpt["preprocessing"]
+    result = {"backends": {}, "sweeps": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "store"
-        archive.main(archive.get_args_parser().parse_args([
-            "--checkpoint", str(args.checkpoint), "--model-name", MODEL, "--export-path", str(store),
-            "--batch-size", str(args.batch_size), "--max-batch-delay", str(args.max_batch_delay),
-            "--min-workers", str(args.workers), "--max-workers", str(args.workers),
-            "--num-threads", str(args.threads)]))
-        ts = TorchServe(workdir=Path(tmp) / "ts", model_store=store, models=[f"{MODEL}={MODEL}.mar"],
-                        overrides=server_overrides()).start()
-        try:
-            ts.wait_ready([MODEL], timeout_s=300)
-            sweep_point(ts, images, max(args.concurrency), min(50, args.requests))  # warm-up
-            sweep = []
-            for c in args.concurrency:
-                point = sweep_point(ts, images, c, args.requests)
-                print(json.dumps(point))
-                sweep.append(point)
-        finally:
-            ts.stop()
-    peak = max(p["images_per_s"] for p in sweep)
-    result = {"config": {"arch": ckpt["arch"], "crop_size": ckpt["preprocessing"]["crop_size"],
-                         "batch_size": args.batch_size, "max_batch_delay": args.max_batch_delay,
-                         "workers": args.workers, "threads": args.threads, "images": len(images)},
-              "in_process_limit": limit, "sweep": sweep,
-              "ratio_peak_to_limit": peak / limit[args.batch_size]["images_per_s"]}
+        tmp = Path(tmp)
+        checkpoint = args.checkpoint
+        if args.crop_size:  # serve at another resolution: speed only, accuracy not comparable
+            ckpt["preprocessing"] = {**trained_at, "crop_size": args.crop_size,
+                                     "resize_size": args.resize_size or args.crop_size}
+            checkpoint = tmp / "checkpoint.pt"
+            torch.save(ckpt, checkpoint)
+        _, _, transform = load_classifier(checkpoint, torch.device("cpu"))
+        batch = torch.stack([transform.load(images[i % len(images)]) for i in range(args.batch_size)]
+                            ).contiguous(memory_format=torch.channels_last)
+        scored = None
+        if args.accuracy_dir and args.accuracy_dir.is_dir() and not args.crop_size:
+            folder = image_folder(args.accuracy_dir, transform, transform.resize_size)
+            scored = (torch.stack([img for img, _ in folder]), torch.tensor(folder.targets))
+        store = tmp / "store"
+        models = []
+        for backend in args.backends:
+            name = f"bench-{backend}"
+            start = time.perf_counter()
+            extra = ["--calibration-dir", str(args.calibration_dir)] if args.calibration_dir else []
+            mar = archive.main(archive.get_args_parser().parse_args([
+                "--checkpoint", str(checkpoint), "--model-name", name, "--export-path", str(store),
+                "--backend", backend, "--batch-size", str(args.batch_size),
+                "--max-batch-delay", str(args.max_batch_delay), "--min-workers", str(args.workers),
+                "--max-workers", str(args.workers), "--num-threads", str(args.threads), *extra]))
+            archive_s = round(time.perf_counter() - start, 2)
+            model_dir = tmp / "unpacked" / backend
+            zipfile.ZipFile(mar).extractall(model_dir)
+            runner, warmup_s = timed_runner(backend, checkpoint, model_dir, args.threads, batch)
+            entry = {"archive_s": archive_s, "warmup_s": warmup_s,
+                     "limit": in_process_limit(runner, batch, args.limit_seconds)}
+            if scored is not None:
+                entry["accuracy"] = accuracy(runner, *scored, args.batch_size)
+            del runner
+            print(f"{backend}: {json.dumps(entry)}", flush=True)
+            result["backends"][backend] = json.loads(json.dumps(entry))
+            if backend in args.serve:
+                models.append(f"{name}={name}.mar")
+        if args.stock:
+            models.append(build_stock_archive(ckpt, checkpoint, store, tmp))
+        if models:
+            # Stock runs on TorchServe's defaults: workers = cores (default_workers_per_model 0).
+            ts = TorchServe(workdir=tmp / "ts", model_store=store, models=models,
+                            overrides=server_overrides(default_workers_per_model="0")).start()
+            try:
+                names = [m.split("=")[0] for m in models]
+                ts.wait_ready(names, timeout_s=600)
+                for model in names:
+                    label = STOCK if model == STOCK else f"ours:{model.removeprefix('bench-')}"
+                    sweep_point(ts, model, images, max(args.concurrency), min(50, args.requests))  # warm-up
+                    result["sweeps"][label] = []
+                    for c in args.concurrency:
+                        point = sweep_point(ts, model, images, c, args.requests)
+                        print(f"{label}: {json.dumps(point)}", flush=True)
+                        result["sweeps"][label].append(point)
+            finally:
+                ts.stop()
+    result["config"] = {"arch": ckpt["arch"], "crop_size": ckpt["preprocessing"]["crop_size"],
+                        "trained_crop_size": trained_at["crop_size"], "batch_size": args.batch_size,
+                        "max_batch_delay": args.max_batch_delay, "workers": args.workers,
+                        "threads": args.threads, "images": len(images),
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    result["ratios"] = ratios(result, args.batch_size)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "benchmark.json").write_text(json.dumps(result, indent=2))
     (args.output_dir / "benchmark.md").write_text(to_markdown(result))
@@ -159,11 +324,24 @@ def main(args) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    data = ROOT.parent / "shared" / "data" / "intel-scenes"
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "intel-scenes" / "test")
+    p.add_argument("--images", type=Path, default=data / "test", help="photos sent to the server")
     p.add_argument("--max-images", type=int, default=200, help="distinct images cycled through")
+    p.add_argument("--accuracy-dir", type=Path, default=data / "test",
+                   help="labelled ImageFolder scored in-process per back-end (skipped if missing)")
+    p.add_argument("--calibration-dir", type=Path, default=None,
+                   help="int8 calibration ImageFolder (default: the archive step's)")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["eager", DEFAULT_BACKEND])
+    p.add_argument("--serve", nargs="*", choices=BACKENDS, default=["eager", DEFAULT_BACKEND],
+                   help="back-ends (of --backends) swept in TorchServe")
+    p.add_argument("--stock", action=argparse.BooleanOptionalAction, default=True,
+                   help="also sweep TorchServe's stock image_classifier (needs captum, >= 5 classes)")
+    p.add_argument("--crop-size", type=int, default=None,
+                   help="serve at this resolution instead of the trained one (speed only)")
+    p.add_argument("--resize-size", type=int, default=None)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--requests", type=int, default=400, help="requests per sweep point")
     p.add_argument("--batch-size", type=int, default=8)

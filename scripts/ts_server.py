@@ -10,6 +10,7 @@ in its own process session, so stopping it reaps the frontend and all its worker
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -23,7 +24,11 @@ from typing import Optional
 
 import requests
 
+log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
+# Java agent fixing TorchServe 0.12's frontend (graceful scale-down, 401 for bad tokens);
+# built by `make setup` from scripts/ts_patches/.
+PATCHES_JAR = ROOT / "build" / "ts-patches.jar"
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address",
                 "metrics": "metrics_address"}
 
@@ -135,6 +140,11 @@ class TorchServe:
         """
         env = dict(os.environ, TMPDIR=str(self.workdir), TEMP=str(self.workdir),
                    LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
+        if PATCHES_JAR.is_file():  # read by the JVM at startup, whichever config it is given
+            env["JAVA_TOOL_OPTIONS"] = " ".join(
+                filter(None, [env.get("JAVA_TOOL_OPTIONS"), f"-javaagent:{PATCHES_JAR}"]))
+        else:
+            log.warning("%s missing (make setup builds it): TorchServe runs unpatched", PATCHES_JAR)
         config = self.config_path
         if self.restore:
             config = self.last_snapshot()

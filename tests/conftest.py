@@ -81,7 +81,13 @@ def running_server(workdir: Path, store: Path, models: list[str], **overrides: s
 
 
 def build_archive(checkpoint: Path, store: Path, name: str, *extra: str) -> Path:
-    """Builds ``store/<name or --archive-name>.mar`` with ``training.archive``."""
+    """Builds ``store/<name or --archive-name>.mar`` with ``training.archive``.
+
+    The back-end is ``eager`` unless ``extra`` names one: the tiny test models are compared
+    with in-process eager predictions, and have no labelled folder for int8 calibration.
+    """
     from training import archive
+    backend = [] if "--backend" in extra else ["--backend", "eager"]
     return archive.main(archive.get_args_parser().parse_args([
-        "--checkpoint", str(checkpoint), "--model-name", name, "--export-path", str(store), *extra]))
+        "--checkpoint", str(checkpoint), "--model-name", name, "--export-path", str(store),
+        *backend, *extra]))

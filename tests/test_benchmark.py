@@ -4,29 +4,48 @@ import json
 
 import pytest
 
-from conftest import encode, scene
+from conftest import encode, make_checkpoint, scene
 from scripts import benchmark
 
 pytestmark = pytest.mark.e2e
+CLASSES = ["a", "b", "c", "d", "e"]  # the stock image_classifier handler needs >= 5 classes
 
 
-def test_benchmark_smoke(tmp_path, three_class_checkpoint):
-    images = tmp_path / "images" / "cat"
-    images.mkdir(parents=True)
-    for i in range(4):
-        (images / f"{i}.jpg").write_bytes(encode(scene(seed=i)))
+def test_benchmark_smoke(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "ckpt.pt", CLASSES)
+    for i in range(10):
+        folder = tmp_path / "images" / CLASSES[i % 5]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.jpg").write_bytes(encode(scene(seed=i)))
     args = benchmark.get_args_parser().parse_args([
-        "--checkpoint", str(three_class_checkpoint), "--images", str(tmp_path / "images"),
-        "--concurrency", "1", "4", "--requests", "12", "--batch-size", "4", "--threads", "1",
-        "--limit-seconds", "0.3", "--output-dir", str(tmp_path / "out")])
+        "--checkpoint", str(checkpoint), "--images", str(tmp_path / "images"),
+        "--accuracy-dir", str(tmp_path / "images"), "--backends", "eager", "onnxruntime",
+        "--serve", "onnxruntime", "--stock", "--concurrency", "1", "8", "--requests", "12",
+        "--batch-size", "4", "--threads", "1", "--limit-seconds", "0.3",
+        "--output-dir", str(tmp_path / "out")])
     result = benchmark.main(args)
     saved = json.loads((tmp_path / "out" / "benchmark.json").read_text())
     assert saved == json.loads(json.dumps(result))
-    assert set(saved["in_process_limit"]) == {"1", "4"}
-    assert [p["concurrency"] for p in saved["sweep"]] == [1, 4]
-    for p in saved["sweep"]:
-        assert p["errors"] == 0 and p["requests"] == 12
-        assert 0 < p["p50_ms"] <= p["p90_ms"] <= p["p99_ms"] and p["images_per_s"] > 0
-        assert p["queue_ms_mean"] >= 0
-    assert saved["ratio_peak_to_limit"] > 0
+    assert list(saved["backends"]) == ["eager", "onnxruntime"]
+    for b in saved["backends"].values():
+        assert set(b["limit"]) == {"1", "4"} and b["warmup_s"] > 0 and b["archive_s"] > 0
+        assert 0 <= b["accuracy"] <= 100
+    # the same weights in fp32: ONNX Runtime scores the same images the same way
+    assert saved["backends"]["eager"]["accuracy"] == saved["backends"]["onnxruntime"]["accuracy"]
+    assert list(saved["sweeps"]) == ["ours:onnxruntime", "stock"]
+    for label, sweep in saved["sweeps"].items():
+        assert [p["concurrency"] for p in sweep] == [1, 8]
+        for p in sweep:
+            assert p["errors"] == 0 and p["requests"] == 12, (label, p)
+            assert 0 < p["p50_ms"] <= p["p90_ms"] <= p["p99_ms"] and p["images_per_s"] > 0
+            assert p["queue_ms_mean"] >= 0
+    ours = saved["sweeps"]["ours:onnxruntime"]
+    assert all(p["inference_ms_per_batch"] > 0 and 1 <= p["images_per_batch"] <= 4 for p in ours)
+    assert ours[0]["images_per_batch"] == 1  # concurrency 1: nothing to batch with
+    assert "preprocess_ms_mean" not in saved["sweeps"]["stock"][0]  # the stock handler has no such metric
+    ratios = saved["ratios"]
+    assert ratios["ours:onnxruntime peak / in-process limit"] > 0
+    assert ratios["ours:onnxruntime / stock at concurrency 8"] > 0
+    assert ratios["ours:onnxruntime p99 / stock p99 at concurrency 8"] > 0
+    assert "onnxruntime in-process / eager in-process (batch 4)" in ratios
     assert "| concurrency |" in (tmp_path / "out" / "benchmark.md").read_text()

@@ -23,9 +23,11 @@ CLASSES = ["cat", "dog", "bird"]
 
 def _model_dir(tmp_path, checkpoint, *archive_args):
     """The directory TorchServe would unpack the archive into."""
+    backend = [] if "--backend" in archive_args else ["--backend", "eager"]
     args = get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--model-name", "m",
-                                         *archive_args])
+                                         *backend, *archive_args])
     ckpt = torch.load(checkpoint, weights_only=True)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     files = export_files(ckpt, tmp_path, args)
     return tmp_path, yaml.safe_load(files["config"].read_text())
 
@@ -157,3 +159,52 @@ def test_metrics_are_emitted_per_stage_and_per_rejection(handler, jpeg_bytes, ca
     assert all(kind == "COUNTER" for _, _, kind in rejected)
     assert all(kind == "HISTOGRAM" for _, _, kind in top1)
     assert all("ModelName:m,ModelVersion:1.0" in dims for _, dims, _ in top1 + rejected)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "bf16"])
+def test_backend_from_model_config_serves_like_eager(tmp_path, three_class_checkpoint, jpeg_bytes, backend):
+    from classifier_handler import ImageClassifierHandler
+    eager_dir, eager_cfg = _model_dir(tmp_path / "eager", three_class_checkpoint, "--topk", "3")
+    other_dir, other_cfg = _model_dir(tmp_path / backend, three_class_checkpoint, "--topk", "3",
+                                      "--backend", backend)
+    assert other_cfg["handler"]["backend"] == backend
+    assert (other_dir / "model.onnx").is_file() == (backend == "onnxruntime")
+    rows = [{"body": jpeg_bytes}, {"body": b"junk"}, {"body": encode(scene(seed=9), "PNG")}]
+    outs = []
+    for model_dir, cfg in ((eager_dir, eager_cfg), (other_dir, other_cfg)):
+        h = ImageClassifierHandler()
+        h.initialize(_context(model_dir, cfg))
+        assert h.backend == cfg["handler"]["backend"]
+        outs.append(_run(h, model_dir, cfg, rows))
+    (eager, eager_status), (other, other_status) = outs
+    assert eager_status == other_status == [200, 400, 200]
+    for e, o in ((eager[0], other[0]), (eager[2], other[2])):
+        assert [r["label"] for r in o] == [r["label"] for r in e]
+        tol = 1e-4 if backend == "onnxruntime" else 2e-2
+        assert [r["probability"] for r in o] == pytest.approx([r["probability"] for r in e], abs=tol)
+
+
+def test_unknown_backend_in_model_config_fails_fast(tmp_path, three_class_checkpoint):
+    from classifier_handler import ImageClassifierHandler
+    model_dir, cfg = _model_dir(tmp_path, three_class_checkpoint)
+    cfg["handler"]["backend"] = "tensorrt"
+    with pytest.raises(ValueError, match="tensorrt"):
+        ImageClassifierHandler().initialize(_context(model_dir, cfg))
+
+
+@pytest.mark.parametrize("max_workers", [1, 2])
+def test_threads_default_to_the_cpus_shared_by_the_workers(tmp_path, three_class_checkpoint, max_workers):
+    import os
+
+    from classifier_handler import ImageClassifierHandler
+    before = torch.get_num_threads()
+    model_dir, cfg = _model_dir(tmp_path, three_class_checkpoint, "--max-workers", str(max_workers))
+    assert cfg["handler"]["num_threads"] == 0
+    try:
+        ImageClassifierHandler().initialize(_context(model_dir, cfg))
+        assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) // max_workers)
+        cfg["handler"]["num_threads"] = 3
+        ImageClassifierHandler().initialize(_context(model_dir, cfg))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

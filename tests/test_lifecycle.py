@@ -67,9 +67,9 @@ def predict(ts: TorchServe, version: str | None = None) -> list[str]:
     return [x["label"] for x in r.json()]
 
 
-def traffic(ts: TorchServe) -> Traffic:
+def traffic(ts: TorchServe, threads: int = 2) -> Traffic:
     return Traffic(f"{ts.url('inference')}/predictions/{MODEL}", encode(scene(seed=3)),
-                   ts.headers("inference"), threads=2)
+                   ts.headers("inference"), threads=threads)
 
 
 def report(name: str, t: Traffic) -> None:
@@ -120,35 +120,29 @@ def test_version_rollout_under_load(server):
     assert list(versions(server)) == ["2.0"] and default_version(server) == "2.0"
 
 
-def test_scaling_1_3_1_under_load(server):
-    """Scale-up loses nothing. Scale-down (TorchServe 0.12) loses the batch in flight on each
-    removed worker: WorkerThread.shutdown() shuts its BatchAggregator before sending the
-    "Worker scaled down" error, so those requests are never answered or get 500 "Worker died."
-    (issue 3 stays open)."""
-    batch_size = api(server).describe(MODEL)[0]["batchSize"]
-    with traffic(server) as t:
+def test_scaling_1_3_1_under_load(server, capsys):
+    """Scaling up and back down under load answers every request.
+
+    Stock TorchServe 0.12 lost the batch in flight on each removed worker (shutdown closed its
+    channel at once); build/ts-patches.jar drains it first (scripts/ts_patches/). Six client
+    threads keep batches in flight on every worker."""
+    with traffic(server, threads=6) as t:
         t.wait_for(5)
         assert cli(server, "scale", MODEL, "--min-workers", "3") == 0
         workers = api(server).describe(MODEL)[0]["workers"]
         assert len(workers) == 3 and all(w["status"] == "READY" for w in workers), workers
         t.wait_for(20)
         scaled_up = len(t.responses)
-        failed_up = len(t.failed)
-        down_at = time.monotonic()
         assert cli(server, "scale", MODEL, "--min-workers", "1") == 0
-        down_done = time.monotonic()
         t.wait_for(20)
     report("scale 1 -> 3 -> 1", t)
-    print(f"[scale 1 -> 3] requests {scaled_up}, failed {failed_up}")
-    assert failed_up == 0
-    lost = t.failed
-    # lost: never answered (client timeout) or answered 500 "Worker died."
-    assert all((r.status == 0 and "timed out" in r.error) or (r.status == 500 and "Worker died" in r.error)
-               for r in lost), [(r.status, r.error) for r in lost]
-    assert all(down_at - 1.0 <= r.sent_at <= down_done for r in lost)  # only those in flight
-    assert len(lost) <= 2 * batch_size  # at most one batch per removed worker
+    print(f"[scale 1 -> 3] requests {scaled_up}")
+    assert not t.failed, [(r.status, r.error) for r in t.failed]
+    assert "retrying" not in capsys.readouterr().out  # no ConcurrentModificationException either
     assert len(api(server).describe(MODEL)[0]["workers"]) == 1
     assert predict(server)  # healthy afterwards
+    log = (server.log_dir / "model_log.log").read_text() + (server.log_dir / "ts_log.log").read_text()
+    assert log.count("before scale-down") >= 2, "the two removed workers were not drained"
 
 
 def test_unregistering_the_default_version_while_others_exist(server):

@@ -6,7 +6,10 @@ import shutil
 import zipfile
 from collections import Counter
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
+import requests
 import torch
 import yaml
 
@@ -102,11 +105,66 @@ def test_archive_has_config_and_labels_from_checkpoint(trained, tmp_path):
         cfg = yaml.safe_load(z.read("model-config.yaml"))
         labels = json.loads(z.read("index_to_name.json"))
         exported = torch.load(z.open("model.pt"), weights_only=True)
+        names = z.namelist()
     assert labels == {str(i): str(i) for i in range(10)}
     assert cfg["batchSize"] == 16 and cfg["maxBatchDelay"] == 5 and cfg["maxWorkers"] == 2
     assert cfg["deviceType"] == "gpu" and cfg["deviceIds"] == [0]
     assert cfg["handler"]["topk"] == 3 and cfg["handler"]["preprocessing"]["crop_size"] == 32
     assert exported["head"] == {"hidden_units": 32, "dropout": 0.1}
+    # default back-end: int8 ONNX Runtime, calibrated on the run's own data (no val/: train/)
+    gate = cfg["handler"]["quantization"]
+    assert cfg["handler"]["backend"] == "onnxruntime-int8" and "model.int8.onnx" in names
+    assert gate["calibration_dir"].endswith("train") and gate["calibration_images"] == 64
+    assert gate["check_images"] == 400
+    assert gate["fp32_accuracy"] - gate["int8_accuracy"] <= 1.0 and gate["top1_agreement"] > 90
+
+
+def test_int8_accuracy_gate_refuses_to_build(trained, tmp_path):
+    out, _ = trained
+    args = archive.get_args_parser().parse_args([
+        "--checkpoint", str(out / "checkpoint_best.pt"), "--model-name", "digits",
+        "--export-path", str(tmp_path), "--check-images", "50", "--max-accuracy-drop", "-100"])
+    with pytest.raises(ValueError, match="int8 loses .* --backend onnxruntime or eager"):
+        archive.main(args)
+    assert not list(tmp_path.glob("*.mar"))
+
+
+def test_int8_needs_labelled_calibration_images(trained, tmp_path):
+    out, _ = trained
+    ckpt = torch.load(out / "checkpoint_best.pt", weights_only=True)
+    ckpt["args"]["data_dir"] = str(tmp_path / "moved")
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    args = archive.get_args_parser().parse_args([
+        "--checkpoint", str(tmp_path / "ckpt.pt"), "--model-name", "digits", "--export-path", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="--calibration-dir"):
+        archive.main(args)
+
+
+@pytest.mark.e2e
+def test_served_int8_archive_answers_like_the_int8_model(trained, digits, tmp_path):
+    """The default (int8) archive in a real TorchServe: same top-1 as ONNX Runtime in-process."""
+    from conftest import running_server
+    from scripts.classify import list_images
+    from training.export import onnx_predictions
+
+    out, _ = trained
+    store = tmp_path / "store"
+    mar = archive.main(archive.get_args_parser().parse_args([
+        "--checkpoint", str(out / "checkpoint_best.pt"), "--model-name", "digits8",
+        "--export-path", str(store), "--batch-size", "8", "--num-threads", "1"]))
+    zipfile.ZipFile(mar).extract("model.int8.onnx", tmp_path)
+    _, classes, tf = predict.load_classifier(out / "checkpoint_best.pt", torch.device("cpu"))
+    files = [p for p, _ in list_images(digits / "test")][::12]
+    expected = onnx_predictions(tmp_path / "model.int8.onnx",
+                                torch.stack([tf.load(p.read_bytes()) for p in files]))
+    with running_server(tmp_path / "ts", store, ["digits8=digits8.mar"]) as ts:
+        url = f"{ts.url('inference')}/predictions/digits8"
+        with ThreadPoolExecutor(8) as pool:  # concurrent: answered in batches
+            answers = list(pool.map(lambda p: requests.post(
+                url, data=p.read_bytes(), headers={**ts.headers("inference"),
+                                                   "Content-Type": "image/png"}, timeout=60), files))
+    assert [a.status_code for a in answers] == [200] * len(files)
+    assert [a.json()[0]["label"] for a in answers] == [classes[i] for i in expected]
 
 
 @pytest.mark.parametrize("arch,attr", [("densenet121", "classifier"), ("vgg16", "classifier.6"),

@@ -7,11 +7,18 @@ The archive holds:
     and read with ``torch.load(weights_only=True)`` (plain tensors, no pickled code, no
     TorchScript, which current torch deprecates);
   * ``index_to_name.json``: the label map, from the checkpoint's class names;
+  * ``model.onnx`` (``--backend onnxruntime``) or ``model.int8.onnx`` (``--backend
+    onnxruntime-int8``, the default): the ONNX Runtime graph (``training/export.py``);
   * ``model-config.yaml``: workers, batching, timeouts, device, and the handler settings
-    (preprocessing from the checkpoint, default top-k, threads per worker);
+    (preprocessing from the checkpoint, default top-k, threads per worker, back-end);
   * the handler and the modules it imports (``preprocessing.py``, ``postprocessing.py``,
-    ``payload.py``,
-    ``models.py``).
+    ``payload.py``, ``backends.py``, ``models.py``).
+
+int8 accuracy gate: the default back-end quantizes with ``--calibration-images`` training
+images and then compares int8 with fp32 top-1 accuracy on ``--check-images`` other labelled
+images of the same folder; a drop above ``--max-accuracy-drop`` points refuses to build (use
+``--backend onnxruntime`` or ``eager`` for that model). The figures go into
+``model-config.yaml`` (``handler.quantization``).
 """
 
 from __future__ import annotations
@@ -25,13 +32,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
+
+from handler.backends import BACKENDS, ONNX_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "handler" / "classifier_handler.py"
 EXTRA_FILES = [ROOT / "handler" / "preprocessing.py", ROOT / "handler" / "postprocessing.py",
-               ROOT / "handler" / "payload.py",
+               ROOT / "handler" / "payload.py", ROOT / "handler" / "backends.py",
                ROOT / "training" / "models.py"]
 
 logger = logging.getLogger(__name__)
@@ -49,16 +59,27 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--export-path", type=Path, default=ROOT / "model_store", help="where the .mar goes")
     p.add_argument("--topk", type=int, default=5, help="default k when a request names none")
     p.add_argument("--batch-size", type=int, default=8, help="largest batch a worker is given")
-    p.add_argument("--max-batch-delay", type=int, default=20,
+    p.add_argument("--max-batch-delay", type=int, default=5,
                    help="ms the frontend waits to fill a batch")
     p.add_argument("--min-workers", type=int, default=1)
     p.add_argument("--max-workers", type=int, default=1)
     p.add_argument("--response-timeout", type=int, default=120, help="s before a request times out")
     p.add_argument("--num-threads", type=int, default=0,
-                   help="torch intra-op threads per worker (0: torch default)")
+                   help="intra-op threads per worker, torch and ONNX Runtime "
+                        "(0: the worker's CPUs / max-workers)")
     p.add_argument("--device-type", choices=["cpu", "gpu"], default=None,
                    help="pin workers to cpu or gpu (default: TorchServe decides, GPU if present)")
     p.add_argument("--device-ids", type=int, nargs="*", default=None, help="GPU ids for gpu workers")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime-int8",
+                   help="inference back-end (handler/backends.py)")
+    p.add_argument("--calibration-dir", type=Path, default=None,
+                   help="labelled ImageFolder for int8 calibration and the accuracy gate "
+                        "(default: the checkpoint's data_dir/val, else data_dir/train)")
+    p.add_argument("--calibration-images", type=int, default=64)
+    p.add_argument("--check-images", type=int, default=400,
+                   help="other images of --calibration-dir scored with fp32 and int8")
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0,
+                   help="largest int8 top-1 loss accepted, in accuracy points")
     return p
 
 
@@ -67,13 +88,75 @@ def model_config(args, preprocessing: dict) -> dict:
     cfg = {"minWorkers": args.min_workers, "maxWorkers": args.max_workers,
            "batchSize": args.batch_size, "maxBatchDelay": args.max_batch_delay,
            "responseTimeout": args.response_timeout}
+    if args.backend == "compile":  # compiling in initialize outlasts the default 120 s
+        cfg["startupTimeout"] = 900
     if args.device_type:
         cfg["deviceType"] = args.device_type
     if args.device_ids:
         cfg["deviceIds"] = list(args.device_ids)
     cfg["handler"] = {"topk": args.topk, "num_threads": args.num_threads,
-                      "preprocessing": preprocessing}
+                      "backend": args.backend, "preprocessing": preprocessing}
     return cfg
+
+
+def calibration_dir(args, checkpoint: dict) -> Path:
+    """``--calibration-dir``, else the checkpoint's ``data_dir``/val (or /train).
+
+    Raises:
+        FileNotFoundError: no folder given and none found from the checkpoint.
+    """
+    if args.calibration_dir is not None:
+        return args.calibration_dir
+    data_dir = (checkpoint.get("args") or {}).get("data_dir")
+    for base in ([Path(data_dir), ROOT / data_dir] if data_dir else []):
+        for split in ("val", "train"):
+            if (base / split).is_dir():
+                return base / split
+    raise FileNotFoundError(
+        f"--backend {args.backend} needs labelled images for calibration: pass --calibration-dir "
+        f"(an ImageFolder such as data/val), or choose --backend onnxruntime or eager")
+
+
+def export_int8(checkpoint: dict, onnx_fp32: Path, dest: Path, args) -> dict:
+    """Quantizes ``onnx_fp32`` into ``dest`` and applies the accuracy gate.
+
+    Returns:
+        The gate's figures (written to ``handler.quantization``): accuracies in percent.
+
+    Raises:
+        ValueError: too few images, class folders differing from the model's, or an int8
+            accuracy drop above ``--max-accuracy-drop``.
+    """
+    from training.data import image_folder
+    from training.export import onnx_predictions, quantize_int8
+    from handler.preprocessing import EvalTransform
+
+    transform = EvalTransform.from_dict(checkpoint["preprocessing"])
+    folder = image_folder(calibration_dir(args, checkpoint), transform, transform.resize_size)
+    if folder.classes != checkpoint["class_names"]:
+        raise ValueError(f"{folder.root} classes {folder.classes} differ from the model's "
+                         f"{checkpoint['class_names']}")
+    order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(0)).tolist()
+    n_cal = min(args.calibration_images, len(order) // 2)
+    cal_idx, check_idx = order[:n_cal], order[n_cal:n_cal + args.check_images]
+    if n_cal < 1 or not check_idx:
+        raise ValueError(f"{folder.root} has too few images for calibration and a check")
+    calibration = torch.stack([folder[i][0] for i in cal_idx])
+    quantize_int8(onnx_fp32, dest, calibration)
+    check = torch.stack([folder[i][0] for i in check_idx])
+    labels = np.array([folder.targets[i] for i in check_idx])
+    fp32, int8 = onnx_predictions(onnx_fp32, check), onnx_predictions(dest, check)
+    gate = {"calibration_dir": str(folder.root), "calibration_images": n_cal,
+            "check_images": len(check_idx),
+            "fp32_accuracy": round(100 * float((fp32 == labels).mean()), 2),
+            "int8_accuracy": round(100 * float((int8 == labels).mean()), 2),
+            "top1_agreement": round(100 * float((fp32 == int8).mean()), 2)}
+    logger.info("int8 gate: %s", gate)
+    if gate["fp32_accuracy"] - gate["int8_accuracy"] > args.max_accuracy_drop:
+        raise ValueError(f"int8 loses {gate['fp32_accuracy'] - gate['int8_accuracy']:.2f} points "
+                         f"of top-1 accuracy ({gate}); more than --max-accuracy-drop "
+                         f"{args.max_accuracy_drop}: use --backend onnxruntime or eager")
+    return gate
 
 
 def export_files(checkpoint: dict, dest: Path, args) -> dict[str, Path]:
@@ -89,8 +172,25 @@ def export_files(checkpoint: dict, dest: Path, args) -> dict[str, Path]:
                files["model"])
     files["labels"].write_text(json.dumps(
         {str(i): name for i, name in enumerate(checkpoint["class_names"])}, indent=2))
+    config = model_config(args, checkpoint["preprocessing"])
+    if args.backend in ONNX_FILES:
+        from training.export import export_onnx
+        from training.models import build_model
+
+        head = checkpoint.get("head") or {}
+        model = build_model(checkpoint["arch"], checkpoint["num_classes"],
+                            hidden_units=head.get("hidden_units"), dropout=head.get("dropout", 0.0))
+        model.load_state_dict(checkpoint["model"])
+        crop = checkpoint["preprocessing"]["crop_size"]
+        files["onnx"] = dest / ONNX_FILES[args.backend]
+        if args.backend == "onnxruntime":
+            export_onnx(model, crop, files["onnx"])
+        else:
+            fp32 = export_onnx(model, crop, dest / "fp32.onnx.tmp")
+            config["handler"]["quantization"] = export_int8(checkpoint, fp32, files["onnx"], args)
+            fp32.unlink()
     with open(files["config"], "w") as f:
-        yaml.safe_dump(model_config(args, checkpoint["preprocessing"]), f, sort_keys=False)
+        yaml.safe_dump(config, f, sort_keys=False)
     return files
 
 
@@ -109,14 +209,16 @@ def main(args) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         files = export_files(checkpoint, Path(tmp), args)
         extra = [str(p) for p in EXTRA_FILES] + [str(files["labels"])]
+        if "onnx" in files:
+            extra.append(str(files["onnx"]))
         subprocess.run([sys.executable, "-m", "model_archiver.model_packaging",
                         "--model-name", args.model_name, "--version", args.version,
                         "--handler", str(HANDLER), "--serialized-file", str(files["model"]),
                         "--extra-files", ",".join(extra), "--config-file", str(files["config"]),
                         "--export-path", tmp, "--force"], check=True)
         shutil.move(Path(tmp) / f"{args.model_name}.mar", mar)
-    logger.info("wrote %s (version %s, %s, %d classes, val accuracy %s)", mar, args.version,
-                checkpoint["arch"], checkpoint["num_classes"],
+    logger.info("wrote %s (version %s, %s, %s, %d classes, val accuracy %s)", mar, args.version,
+                checkpoint["arch"], args.backend, checkpoint["num_classes"],
                 checkpoint.get("metrics", {}).get("best_val_accuracy"))
     return mar
 

@@ -1,0 +1,120 @@
+"""Inference back-ends: one callable, float32 images [N, 3, H, W] in, float32 logits [N, C] out.
+
+Selected by ``handler.backend`` in the archive's ``model-config.yaml`` (``training/archive.py
+--backend``). Figures for DenseNet121 on a 2-core AVX2 CPU are in the README's "Benchmark".
+
+  * ``eager``: the fp32 ``nn.Module``, channels_last (the reference).
+  * ``bf16``: the module cast to bfloat16; logits cast back to float32. Fast where the CPU
+    has AVX-512 BF16/AMX or on a GPU; on an AVX2-only CPU it is slower than fp32.
+  * ``compile``: ``torch.compile`` (inductor, weight freezing), compiled in ``initialize``
+    for two static shapes, batch 1 and the largest batch; batches in between are padded
+    to the largest (a dynamic batch dimension took over 10 minutes to compile DenseNet121
+    on 2 cores, two static shapes about 2 minutes).
+  * ``onnxruntime``: ``model.onnx`` (fp32, exported by the archive step) in ONNX Runtime.
+  * ``onnxruntime-int8``: ``model.int8.onnx``, the same graph after ONNX Runtime static
+    post-training quantization (QDQ, per-channel int8 weights, uint8 activations calibrated
+    on training images; ``training/export.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("eager", "bf16", "compile", "onnxruntime", "onnxruntime-int8")
+# Archive file each ONNX Runtime back-end reads (written by training/export.py).
+ONNX_FILES = {"onnxruntime": "model.onnx", "onnxruntime-int8": "model.int8.onnx"}
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def make_runner(backend: str, model: Optional[torch.nn.Module], *, onnx_path: Optional[str] = None,
+                device: torch.device = torch.device("cpu"), num_threads: int = 0,
+                example: Optional[torch.Tensor] = None) -> Runner:
+    """Builds the forward function of ``backend``.
+
+    Args:
+        backend: one of ``BACKENDS``.
+        model: the fp32 model in eval mode on ``device`` (unused by the ONNX Runtime back-ends).
+        onnx_path: the ``.onnx`` file for the ONNX Runtime back-ends.
+        device: where inputs arrive and where logits are returned.
+        num_threads: intra-op threads for ONNX Runtime (0: its default, one per core).
+        example: float32 [B, 3, H, W], the largest batch served; ``compile`` compiles for
+            its shape and for its first row's. Required for ``compile``.
+
+    Returns:
+        ``run(images float32 [N, 3, H, W] on device) -> logits float32 [N, C] on device``;
+        callers wrap it in ``torch.inference_mode()``.
+
+    Raises:
+        ValueError: unknown back-end or missing argument.
+        ImportError: ``onnxruntime`` not installed (ONNX Runtime back-ends only).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend in ONNX_FILES:
+        if not onnx_path:
+            raise ValueError(f"backend {backend} needs the archive's {ONNX_FILES[backend]}")
+        return _onnxruntime_runner(onnx_path, device, num_threads)
+    if model is None:
+        raise ValueError(f"backend {backend} needs the torch model")
+    if backend == "eager":
+        return model
+    if backend == "bf16":
+        bf16 = model.to(torch.bfloat16)
+        return lambda x: bf16(x.to(torch.bfloat16)).float()
+    if example is None:
+        raise ValueError("backend compile needs an example batch")
+    return _compiled_runner(model, example)
+
+
+def _compiled_runner(model: torch.nn.Module, example: torch.Tensor) -> Runner:
+    import torch._inductor.config as inductor_config
+
+    # Freezing folds the (inference-only) weights into the graph: conv+bn fusion, prepacked
+    # oneDNN weights. PyTorch's recommended CPU inference setting.
+    inductor_config.freezing = True
+    compiled = torch.compile(model, dynamic=False)
+    full = example.shape[0]
+    with torch.inference_mode():
+        compiled(example[:1])
+        compiled(example)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if n in (1, full):
+            return compiled(x)
+        if n > full:
+            raise ValueError(f"batch of {n} > the compiled batch {full}")
+        padded = torch.cat([x, x[-1:].expand(full - n, *x.shape[1:])])
+        return compiled(padded.contiguous(memory_format=torch.channels_last))[:n]
+    return run
+
+
+def _onnxruntime_runner(path: str, device: torch.device, num_threads: int) -> Runner:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(num_threads, 0)
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No busy-waiting between runs: the worker decodes images and the frontend shares the
+    # cores, and spinning intra-op threads would take their CPU.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        else:
+            logger.warning("onnxruntime has no CUDA provider here: running on CPU")
+    session = ort.InferenceSession(path, options, providers=providers)
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        logits = session.run(None, {name: x.detach().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(logits).to(device)
+    return run

@@ -1,0 +1,132 @@
+/*
+ * Java agent patching TorchServe 0.12's frontend at class-load time (ASM). Two fixes:
+ *
+ * 1. WorkerThread: scale-down drains the removed worker's batch in flight (GracefulScaleDown).
+ *    run(): BatchAggregator.getRequest(String, WorkerState) -> GracefulScaleDown.getRequest(...)
+ *    shutdown(): GracefulScaleDown.drain(this) at entry.
+ * 2. HttpRequestHandler.channelRead0: a missing or wrong token (InvalidKeyException) is answered
+ *    401 Unauthorized instead of 400 Bad Request (NettyUtils.sendError -> Agent.sendError).
+ *
+ * Loaded with -javaagent:build/ts-patches.jar (scripts/ts_server.py sets JAVA_TOOL_OPTIONS).
+ */
+package tspatches;
+
+import io.netty.channel.ChannelHandlerContext;
+import io.netty.handler.codec.http.HttpResponseStatus;
+import java.lang.instrument.ClassFileTransformer;
+import java.lang.instrument.Instrumentation;
+import java.security.ProtectionDomain;
+import org.objectweb.asm.ClassReader;
+import org.objectweb.asm.ClassVisitor;
+import org.objectweb.asm.ClassWriter;
+import org.objectweb.asm.MethodVisitor;
+import org.objectweb.asm.Opcodes;
+import org.pytorch.serve.archive.model.InvalidKeyException;
+import org.pytorch.serve.util.NettyUtils;
+
+public final class Agent implements ClassFileTransformer {
+    static final String WORKER = "org/pytorch/serve/wlm/WorkerThread";
+    static final String HTTP = "org/pytorch/serve/http/HttpRequestHandler";
+    static final String DRAIN = "org/pytorch/serve/wlm/GracefulScaleDown";
+    static final String AGGREGATOR = "org/pytorch/serve/wlm/BatchAggregator";
+    static final String GET_REQUEST_DESC =
+            "(Ljava/lang/String;Lorg/pytorch/serve/wlm/WorkerState;)"
+                    + "Lorg/pytorch/serve/util/messages/BaseModelRequest;";
+    static final String NETTY_UTILS = "org/pytorch/serve/util/NettyUtils";
+    static final String SEND_ERROR_DESC =
+            "(Lio/netty/channel/ChannelHandlerContext;"
+                    + "Lio/netty/handler/codec/http/HttpResponseStatus;Ljava/lang/Throwable;)V";
+
+    public static void premain(String args, Instrumentation inst) {
+        inst.addTransformer(new Agent());
+    }
+
+    /** NettyUtils.sendError, with InvalidKeyException answered 401. */
+    public static void sendError(
+            ChannelHandlerContext ctx, HttpResponseStatus status, Throwable t) {
+        if (t instanceof InvalidKeyException) {
+            status = HttpResponseStatus.UNAUTHORIZED;
+        }
+        NettyUtils.sendError(ctx, status, t);
+    }
+
+    @Override
+    public byte[] transform(
+            ClassLoader loader,
+            String name,
+            Class<?> redefined,
+            ProtectionDomain domain,
+            byte[] bytes) {
+        if (!WORKER.equals(name) && !HTTP.equals(name)) {
+            return null;
+        }
+        try {
+            ClassReader reader = new ClassReader(bytes);
+            ClassWriter writer = new ClassWriter(reader, ClassWriter.COMPUTE_MAXS);
+            int[] patched = {0};
+            reader.accept(
+                    new ClassVisitor(Opcodes.ASM9, writer) {
+                        @Override
+                        public MethodVisitor visitMethod(
+                                int access, String method, String desc, String sig, String[] exc) {
+                            MethodVisitor mv = super.visitMethod(access, method, desc, sig, exc);
+                            if (WORKER.equals(name) && method.equals("shutdown") && desc.equals("()V")) {
+                                return new MethodVisitor(Opcodes.ASM9, mv) {
+                                    @Override
+                                    public void visitCode() {
+                                        super.visitCode();
+                                        super.visitVarInsn(Opcodes.ALOAD, 0);
+                                        super.visitMethodInsn(Opcodes.INVOKESTATIC, DRAIN, "drain",
+                                                "(L" + WORKER + ";)V", false);
+                                        patched[0]++;
+                                    }
+                                };
+                            }
+                            if (WORKER.equals(name) && method.equals("run") && desc.equals("()V")) {
+                                return new MethodVisitor(Opcodes.ASM9, mv) {
+                                    @Override
+                                    public void visitMethodInsn(int op, String owner, String m, String d, boolean itf) {
+                                        if (op == Opcodes.INVOKEVIRTUAL && owner.equals(AGGREGATOR)
+                                                && m.equals("getRequest") && d.equals(GET_REQUEST_DESC)) {
+                                            super.visitMethodInsn(Opcodes.INVOKESTATIC, DRAIN, "getRequest",
+                                                    "(L" + AGGREGATOR + ";" + d.substring(1), false);
+                                            patched[0]++;
+                                            return;
+                                        }
+                                        super.visitMethodInsn(op, owner, m, d, itf);
+                                    }
+                                };
+                            }
+                            if (HTTP.equals(name) && method.equals("channelRead0")) {
+                                return new MethodVisitor(Opcodes.ASM9, mv) {
+                                    @Override
+                                    public void visitMethodInsn(int op, String owner, String m, String d, boolean itf) {
+                                        if (op == Opcodes.INVOKESTATIC && owner.equals(NETTY_UTILS)
+                                                && m.equals("sendError") && d.equals(SEND_ERROR_DESC)) {
+                                            super.visitMethodInsn(Opcodes.INVOKESTATIC, "tspatches/Agent",
+                                                    "sendError", d, false);
+                                            patched[0]++;
+                                            return;
+                                        }
+                                        super.visitMethodInsn(op, owner, m, d, itf);
+                                    }
+                                };
+                            }
+                            return mv;
+                        }
+                    },
+                    0);
+            int expected = WORKER.equals(name) ? 2 : 1;
+            if (patched[0] < expected) {
+                System.err.println("ts-patches: " + name + " did not match (TorchServe version?); "
+                        + "left unpatched");
+                return null;
+            }
+            System.err.println("ts-patches: patched " + name + " (" + patched[0] + " sites)");
+            return writer.toByteArray();
+        } catch (Throwable e) {
+            System.err.println("ts-patches: failed to patch " + name + ": " + e);
+            return null;
+        }
+    }
+}

@@ -1,0 +1,90 @@
+"""Inference back-ends (handler/backends.py) against the eager fp32 model they replace."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import encode, scene
+from handler.backends import BACKENDS, make_runner
+from training.export import export_onnx, onnx_predictions, quantize_int8
+from training.predict import load_classifier
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def reference(three_class_checkpoint):
+    """(eager model, preprocessed photos-like images float32 [12, 3, 64, 64], eager logits)."""
+    model, _, tf = load_classifier(three_class_checkpoint, torch.device("cpu"))
+    images = torch.stack([tf.load(encode(scene(200, 150, seed=s))) for s in range(12)])
+    with torch.inference_mode():
+        logits = model(images.contiguous(memory_format=torch.channels_last))
+    return model, images, logits
+
+
+@pytest.fixture(scope="module")
+def onnx_fp32(reference, tmp_path_factory):
+    return export_onnx(reference[0], 64, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def test_onnxruntime_fp32_matches_eager_at_every_batch_size(reference, onnx_fp32):
+    _, images, logits = reference
+    run = make_runner("onnxruntime", None, onnx_path=str(onnx_fp32), num_threads=1)
+    for n in (1, 5, 12):  # the exported batch dimension is dynamic
+        out = run(images[:n].contiguous(memory_format=torch.channels_last))
+        assert out.dtype == torch.float32 and out.shape == (n, 3)
+        torch.testing.assert_close(out, logits[:n], atol=1e-4, rtol=1e-4)
+
+
+def test_int8_is_quantized_and_stays_close_to_fp32(reference, onnx_fp32, tmp_path):
+    import onnx
+
+    _, images, logits = reference
+    int8 = quantize_int8(onnx_fp32, tmp_path / "model.int8.onnx", images[:8])
+    ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert int8.stat().st_size < onnx_fp32.stat().st_size / 2  # int8 weights
+    out = make_runner("onnxruntime-int8", None, onnx_path=str(int8), num_threads=1)(images)
+    assert out.dtype == torch.float32 and out.shape == logits.shape
+    # quantization error, relative to how far apart the logits are: small but not zero
+    err = (out - logits).abs().max() / logits.std()
+    assert 0 < err < 0.25, float(err)
+    assert onnx_predictions(int8, images).tolist() == out.argmax(1).tolist()
+
+
+def test_bf16_runs_in_bfloat16_and_returns_float32(reference, three_class_checkpoint):
+    _, images, logits = reference
+    model, _, _ = load_classifier(three_class_checkpoint, torch.device("cpu"))
+    run = make_runner("bf16", model)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with torch.inference_mode():
+        out = run(images.contiguous(memory_format=torch.channels_last))
+    assert out.dtype == torch.float32
+    assert not torch.equal(out, logits)
+    torch.testing.assert_close(out, logits, atol=0.1 * logits.abs().max().item(), rtol=0.05)
+
+
+def test_compile_serves_every_batch_size_up_to_the_compiled_one(reference, three_class_checkpoint):
+    _, images, logits = reference
+    model, _, _ = load_classifier(three_class_checkpoint, torch.device("cpu"))
+    example = images[:4].contiguous(memory_format=torch.channels_last)
+    run = make_runner("compile", model, example=example)
+    with torch.inference_mode():
+        for n in (1, 3, 4):
+            out = run(images[:n].contiguous(memory_format=torch.channels_last))
+            torch.testing.assert_close(out, logits[:n], atol=1e-3, rtol=1e-3)
+        with pytest.raises(ValueError, match="compiled batch 4"):
+            run(images[:5])
+
+
+def test_bad_backend_arguments_are_refused(reference):
+    with pytest.raises(ValueError, match="unknown backend"):
+        make_runner("tensorrt", reference[0])
+    with pytest.raises(ValueError, match="model.int8.onnx"):
+        make_runner("onnxruntime-int8", None)
+    with pytest.raises(ValueError, match="torch model"):
+        make_runner("eager", None)
+    with pytest.raises(ValueError, match="example"):
+        make_runner("compile", reference[0])
+    assert BACKENDS[0] == "eager"
