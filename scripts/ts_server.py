@@ -164,13 +164,24 @@ class TorchServe:
     def token(self, api: str = "management") -> str:
         """The bearer key for ``inference`` or ``management`` from ``key_file.json``.
 
+        TorchServe writes the file while it starts; an empty or partial file is read again
+        (every 0.1 s, for up to 5 s) until it parses.
+
         Raises:
-            ServerError: no key file (token authorization disabled, or not started yet).
+            ServerError: no key file (token authorization disabled, or not started yet), or
+                one that does not parse within 5 s.
         """
         key_file = self.workdir / "key_file.json"
         if not key_file.is_file():
             raise ServerError(f"no {key_file}: is TorchServe running with token authorization?")
-        return json.loads(key_file.read_text())[api]["key"]
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                return json.loads(key_file.read_text())[api]["key"]
+            except json.JSONDecodeError as exc:
+                if time.monotonic() > deadline:
+                    raise ServerError(f"{key_file} does not parse: {exc}") from None
+                time.sleep(0.1)
 
     def headers(self, api: str = "management") -> dict[str, str]:
         """``Authorization`` header for the API, or {} when token authorization is off."""

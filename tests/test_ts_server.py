@@ -49,3 +49,20 @@ def test_server_never_rewrites_the_project_config(tmp_path):
     assert (ROOT / "config.properties").read_text() == before
     with pytest.raises(ValueError, match="refusing"):
         write_config(ROOT / "config.properties", ROOT / "config.properties", {})
+
+
+def test_token_waits_for_a_key_file_being_written(tmp_path):
+    """TorchServe creates key_file.json empty, then fills it: a read in between must not fail."""
+    import threading
+
+    ts = TorchServe(workdir=tmp_path)
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text("")
+    keys = {"management": {"key": "m-key"}, "inference": {"key": "i-key"}}
+    writer = threading.Timer(0.3, lambda: key_file.write_text(json.dumps(keys)))
+    writer.start()
+    try:
+        assert ts.token("inference") == "i-key"
+        assert ts.headers("management") == {"Authorization": "Bearer m-key"}
+    finally:
+        writer.join()
