@@ -31,7 +31,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from backends import BACKENDS, ONNX_FILES, make_runner
-from models import build_model
+from models import load_trained
 from payload import Batch, InternalError, parse_request, parse_topk
 from postprocessing import topk_records
 from preprocessing import ClientError, EvalTransform
@@ -112,17 +112,15 @@ class ImageClassifierHandler(BaseHandler):
                              f"{exported['num_classes']} outputs")
         model = None
         if self.backend not in ONNX_FILES:
-            head = exported.get("head") or {}
-            model = build_model(exported["arch"], exported["num_classes"],
-                                hidden_units=head.get("hidden_units"),
-                                dropout=head.get("dropout", 0.0))
-            model.load_state_dict(exported["state_dict"])
-            model = model.eval().to(self.device, memory_format=torch.channels_last)
+            model = load_trained(exported["arch"], exported["num_classes"], exported.get("head"),
+                                 exported["state_dict"]).to(self.device,
+                                                            memory_format=torch.channels_last)
         size = self.transform.crop_size
         example = torch.zeros(max(int(props.get("batch_size") or 1), 1), 3, size, size,
                               device=self.device).contiguous(memory_format=torch.channels_last)
         start = time.perf_counter()
-        onnx = os.path.join(model_dir, ONNX_FILES.get(self.backend, ""))
+        onnx = (os.path.join(model_dir, ONNX_FILES[self.backend])
+                if self.backend in ONNX_FILES else None)
         self.model = make_runner(self.backend, model, onnx_path=onnx, device=self.device,
                                  num_threads=threads, example=example)
         with torch.inference_mode():  # warm-up: first-call allocations happen here, not in a request

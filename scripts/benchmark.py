@@ -31,6 +31,7 @@ import argparse
 import json
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -164,7 +165,7 @@ def sweep_point(ts: TorchServe, model: str, images: list[bytes], concurrency: in
     return point
 
 
-def build_stock_archive(ckpt: dict, checkpoint_path: Path, store: Path, tmp: Path) -> str:
+def build_stock_archive(ckpt: dict, store: Path, tmp: Path) -> str:
     """``store/stock.mar``: the checkpoint's weights behind TorchServe's ``image_classifier``.
 
     Raises:
@@ -179,7 +180,6 @@ def build_stock_archive(ckpt: dict, checkpoint_path: Path, store: Path, tmp: Pat
     model_file.write_text(STOCK_MODEL_FILE.format(arch=ckpt["arch"], num_classes=ckpt["num_classes"]))
     torch.save(ckpt["model"], weights)
     labels.write_text(json.dumps({str(i): n for i, n in enumerate(ckpt["class_names"])}))
-    import subprocess
     subprocess.run([sys.executable, "-m", "model_archiver.model_packaging", "--model-name", STOCK,
                     "--version", "1.0", "--model-file", str(model_file), "--serialized-file", str(weights),
                     "--handler", "image_classifier", "--extra-files", str(labels),
@@ -292,7 +292,7 @@ def main(args) -> dict:
             if backend in args.serve:
                 models.append(f"{name}={name}.mar")
         if args.stock:
-            models.append(build_stock_archive(ckpt, checkpoint, store, tmp))
+            models.append(build_stock_archive(ckpt, store, tmp))
         if models:
             # Stock runs on TorchServe's defaults: workers = cores (default_workers_per_model 0).
             ts = TorchServe(workdir=tmp / "ts", model_store=store, models=models,

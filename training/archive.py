@@ -175,12 +175,10 @@ def export_files(checkpoint: dict, dest: Path, args) -> dict[str, Path]:
     config = model_config(args, checkpoint["preprocessing"])
     if args.backend in ONNX_FILES:
         from training.export import export_onnx
-        from training.models import build_model
+        from training.models import load_trained
 
-        head = checkpoint.get("head") or {}
-        model = build_model(checkpoint["arch"], checkpoint["num_classes"],
-                            hidden_units=head.get("hidden_units"), dropout=head.get("dropout", 0.0))
-        model.load_state_dict(checkpoint["model"])
+        model = load_trained(checkpoint["arch"], checkpoint["num_classes"], checkpoint.get("head"),
+                             checkpoint["model"])
         crop = checkpoint["preprocessing"]["crop_size"]
         files["onnx"] = dest / ONNX_FILES[args.backend]
         if args.backend == "onnxruntime":

@@ -116,3 +116,24 @@ def build_model(arch: str, num_classes: int, *, weights: str = "none",
         for p in model.parameters():
             p.requires_grad_(id(p) in head_params)
     return model
+
+
+def load_trained(arch: str, num_classes: int, head: Optional[dict], state_dict: dict) -> nn.Module:
+    """Rebuilds a model trained by ``training/train.py`` from its saved parts.
+
+    Args:
+        arch, num_classes: as given to ``build_model``.
+        head: ``{"hidden_units", "dropout"}`` of the head (None/{}: a plain Linear).
+        state_dict: the trained weights.
+
+    Returns:
+        The model in eval mode, on CPU, fp32.
+
+    Raises:
+        RuntimeError: ``state_dict`` does not fit the rebuilt model.
+    """
+    head = head or {}
+    model = build_model(arch, num_classes, hidden_units=head.get("hidden_units"),
+                        dropout=head.get("dropout", 0.0))
+    model.load_state_dict(state_dict)
+    return model.eval()

@@ -15,7 +15,7 @@ import torch
 
 from handler.postprocessing import format_topk, topk_records
 from handler.preprocessing import ClientError, EvalTransform
-from training.models import build_model
+from training.models import load_trained
 from training.train import resolve_device
 
 
@@ -26,11 +26,8 @@ def load_classifier(checkpoint: Path, device: torch.device):
         (model in eval mode on ``device``, class names in index order, EvalTransform).
     """
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    head = ckpt.get("head") or {}
-    model = build_model(ckpt["arch"], ckpt["num_classes"], hidden_units=head.get("hidden_units"),
-                        dropout=head.get("dropout", 0.0))
-    model.load_state_dict(ckpt["model"])
-    model = model.eval().to(device, memory_format=torch.channels_last)
+    model = load_trained(ckpt["arch"], ckpt["num_classes"], ckpt.get("head"), ckpt["model"]).to(
+        device, memory_format=torch.channels_last)
     return model, ckpt["class_names"], EvalTransform.from_dict(ckpt["preprocessing"])
 
 
