@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 # ImageNet channel statistics, from the torchvision weights docs
 # (https://pytorch.org/vision/stable/models.html); also the default for from-scratch runs.
@@ -142,13 +140,27 @@ def decode_image(data: bytes, *, draft_size: Optional[int] = None) -> Image.Imag
         raise DecodeError(f"corrupt or truncated image: {exc}") from exc
 
 
+_PIL_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
 @dataclass(frozen=True)
 class EvalTransform:
     """The evaluation transform: resize shorter side, center crop, scale, normalize.
 
-    Mirrors torchvision's ``ClassificationPresetEval`` (references/classification/presets.py):
+    Computes torchvision's ``ClassificationPresetEval`` (references/classification/presets.py):
     ``Resize(resize_size)`` of the shorter side with antialiasing (aspect ratio kept, no
     squashing), ``CenterCrop(crop_size)``, uint8 -> float32 in [0, 1], ``Normalize(mean, std)``.
+
+    It is computed in two steps so that the per-image part stays small:
+      * ``pixels``: one PIL resample of only the crop's source region, straight to
+        ``crop_size`` x ``crop_size`` (``Image.resize(box=...)``). Filter, scale and sample
+        positions are those of the full resize followed by the integer crop, so nothing the
+        crop discards is resampled. The result is torchvision's up to 8-bit rounding: PIL
+        resamples one axis after the other through an 8-bit intermediate and may pick the
+        other order for the box, which moves some pixels by a level or two (more where bicubic
+        overshoot is clipped). A test bounds the difference. uint8 HWC.
+      * ``normalize``: scale and normalize a whole uint8 batch in one fused multiply-add,
+        producing the channels_last float32 batch the models take.
 
     Attributes:
         crop_size: side of the square model input, px.
@@ -170,9 +182,15 @@ class EvalTransform:
             )
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("mean and std need 3 values (RGB)")
-        InterpolationMode(self.interpolation)  # raises ValueError on unknown names
+        if self.interpolation not in _PIL_RESAMPLE:
+            raise ValueError(f"interpolation {self.interpolation!r} is not one of "
+                             f"{sorted(_PIL_RESAMPLE)}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        # (x / 255 - mean) / std = x * scale + shift, per RGB channel (the last axis of NHWC).
+        std = torch.tensor(self.std, dtype=torch.float32)
+        object.__setattr__(self, "_scale", 1.0 / (255.0 * std))
+        object.__setattr__(self, "_shift", -torch.tensor(self.mean, dtype=torch.float32) / std)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "EvalTransform":
@@ -188,21 +206,68 @@ class EvalTransform:
 
     def to_dict(self) -> dict:
         """Returns plain-Python settings (YAML/JSON/``torch.load(weights_only=True)`` safe)."""
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
+        return {"crop_size": self.crop_size, "resize_size": self.resize_size,
+                "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation}
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        """Transforms an RGB PIL image.
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The source region (left, top, right, bottom), px, that ends up in the model input.
+
+        torchvision's ``Resize([s])`` scales the shorter side to ``s`` and the longer to
+        ``int(s * long / short)``; ``CenterCrop(c)`` then starts at ``int(round((side - c) / 2))``.
+        Both, mapped back through each axis' scale (source / resized), give the box.
+        """
+        s, c = self.resize_size, self.crop_size
+        if width <= height:
+            new_w, new_h = s, int(s * height / width)
+        else:
+            new_w, new_h = int(s * width / height), s
+        left, top = int(round((new_w - c) / 2.0)), int(round((new_h - c) / 2.0))
+        sx, sy = width / new_w, height / new_h
+        return (left * sx, top * sy, (left + c) * sx, (top + c) * sy)
+
+    def pixels(self, img: Image.Image) -> torch.Tensor:
+        """Resizes and center-crops an RGB PIL image in one resample.
 
         Returns:
-            float32 tensor [3, crop_size, crop_size], normalized.
+            uint8 tensor [crop_size, crop_size, 3] (HWC, RGB).
         """
-        mode = InterpolationMode(self.interpolation)
-        img = F.resize(img, [self.resize_size], interpolation=mode, antialias=True)
-        img = F.center_crop(img, [self.crop_size, self.crop_size])
-        x = F.to_dtype(F.pil_to_tensor(img), torch.float32, scale=True)
-        return F.normalize(x, self.mean, self.std)
+        c = self.crop_size
+        out = img.resize((c, c), _PIL_RESAMPLE[self.interpolation],
+                         box=self.crop_box(*img.size))
+        return torch.from_numpy(np.array(out, dtype=np.uint8))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Scales a uint8 batch to [0, 1] and normalizes it.
+
+        Args:
+            pixels: uint8 [N, H, W, 3], as stacked from ``pixels``.
+
+        Returns:
+            float32 [N, 3, H, W] in channels_last memory format (a permuted view of NHWC).
+        """
+        scale, shift = self._scale.to(pixels.device), self._shift.to(pixels.device)
+        x = torch.addcmul(shift, pixels.to(torch.float32), scale)  # NHWC, contiguous
+        return x.permute(0, 3, 1, 2)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        """Transforms an RGB PIL image (the per-image form, for datasets and the predict CLI).
+
+        Returns:
+            float32 tensor [3, crop_size, crop_size], normalized, contiguous.
+        """
+        return self.normalize(self.pixels(img)[None])[0].contiguous()
+
+    def load_pixels(self, data: bytes) -> torch.Tensor:
+        """Decodes bytes and resizes/crops them: the per-request half of the handler's path.
+
+        Returns:
+            uint8 tensor [crop_size, crop_size, 3]; ``normalize(torch.stack(...))`` finishes it.
+
+        Raises:
+            DecodeError, ImageTooLargeError: see ``decode_image``.
+        """
+        return self.pixels(decode_image(data, draft_size=self.resize_size))
 
     def load(self, data: bytes) -> torch.Tensor:
         """Decodes bytes and transforms them: the one bytes -> model-input path.

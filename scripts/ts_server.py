@@ -97,6 +97,7 @@ class TorchServe:
         model_store: folder of ``.mar`` files.
         models: ``--models`` arguments, e.g. ``["scenes=scenes.mar"]``.
         overrides: config keys to override (e.g. addresses with free ports).
+        env: extra environment variables for the server (e.g. ``TS_IDLE_DISPATCH=0``).
         restore: start from the newest snapshot in ``logs/config/`` (models, versions, default
             version, worker counts and the server settings of the first start) instead of
             ``config``; TorchServe writes a snapshot at startup, after every management change
@@ -108,6 +109,7 @@ class TorchServe:
     model_store: Path = ROOT / "model_store"
     models: list[str] = field(default_factory=list)
     overrides: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     restore: bool = False
     proc: Optional[subprocess.Popen] = None
 
@@ -139,7 +141,8 @@ class TorchServe:
             ServerError: ``restore`` is set but there is no snapshot to restore.
         """
         env = dict(os.environ, TMPDIR=str(self.workdir), TEMP=str(self.workdir),
-                   LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
+                   LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir),
+                   **self.env)
         if PATCHES_JAR.is_file():  # read by the JVM at startup, whichever config it is given
             env["JAVA_TOOL_OPTIONS"] = " ".join(
                 filter(None, [env.get("JAVA_TOOL_OPTIONS"), f"-javaagent:{PATCHES_JAR}"]))

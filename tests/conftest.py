@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
+from typing import Optional
 from pathlib import Path
 
 import pytest
@@ -69,9 +70,10 @@ def three_class_checkpoint(tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
-def running_server(workdir: Path, store: Path, models: list[str], **overrides: str):
+def running_server(workdir: Path, store: Path, models: list[str], env: Optional[dict] = None,
+                   **overrides: str):
     """A real TorchServe on free loopback ports, READY on entry, stopped on exit."""
-    ts = TorchServe(workdir=workdir, model_store=store, models=models,
+    ts = TorchServe(workdir=workdir, model_store=store, models=models, env=env or {},
                     overrides=server_overrides(**overrides)).start()
     try:
         ts.wait_ready(model_names(models), timeout_s=180)

@@ -108,6 +108,35 @@ def test_eval_transform_shape_dtype_and_normalization():
     assert torch.allclose(x[:, 32, 32], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_eval_transform_pixels_match_torchvision_resize_then_crop(interpolation):
+    """One resample of the crop box == torchvision's Resize + CenterCrop, up to 8-bit rounding."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+    tf = EvalTransform(crop_size=224, resize_size=256, interpolation=interpolation)
+    for w, h in [(150, 150), (640, 480), (480, 640), (286, 1010), (99, 536), (1200, 300),
+                 (256, 256), (300, 256), (257, 1000)]:
+        img = scene(w, h, seed=w + h)
+        ref = F.center_crop(F.resize(img, [256], interpolation=InterpolationMode(interpolation),
+                                     antialias=True), [224, 224])
+        ours = tf.pixels(img)
+        assert ours.shape == (224, 224, 3) and ours.dtype == torch.uint8
+        diff = (ours.int() - torch.from_numpy(np.array(ref)).int()).abs()
+        assert diff.float().mean() < 0.01 and diff.max() <= 4, (w, h, diff.max())
+
+
+def test_normalize_is_channels_last_and_per_image_equals_batched():
+    tf = EvalTransform.from_dict(TINY_PREPROCESSING)
+    pixels = torch.stack([tf.pixels(scene(100 + 10 * s, 80, seed=s)) for s in range(3)])
+    batch = tf.normalize(pixels)
+    assert batch.shape == (3, 3, 64, 64) and batch.dtype == torch.float32
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    expected = (pixels.permute(0, 3, 1, 2).float() / 255 - torch.tensor(tf.mean).view(1, 3, 1, 1)) \
+        / torch.tensor(tf.std).view(1, 3, 1, 1)
+    assert torch.allclose(batch, expected, atol=1e-5)
+    assert torch.equal(tf(scene(110, 80, seed=1)), batch[1])
+
+
 def test_eval_transform_keeps_aspect_ratio():
     tf = EvalTransform(crop_size=8, resize_size=8)
     img = Image.new("RGB", (32, 8))

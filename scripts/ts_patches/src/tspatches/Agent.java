@@ -1,11 +1,14 @@
 /*
- * Java agent patching TorchServe 0.12's frontend at class-load time (ASM). Two fixes:
+ * Java agent patching TorchServe 0.12's frontend at class-load time (ASM). Three changes:
  *
  * 1. WorkerThread: scale-down drains the removed worker's batch in flight (GracefulScaleDown).
  *    run(): BatchAggregator.getRequest(String, WorkerState) -> GracefulScaleDown.getRequest(...)
  *    shutdown(): GracefulScaleDown.drain(this) at entry.
  * 2. HttpRequestHandler.channelRead0: a missing or wrong token (InvalidKeyException) is answered
  *    401 Unauthorized instead of 400 Bad Request (NettyUtils.sendError -> Agent.sendError).
+ * 3. Model.pollBatch: a request arriving at an idle model is dispatched without waiting
+ *    maxBatchDelay for company (IdleDispatch; the read of the maxBatchDelay field ->
+ *    IdleDispatch.maxBatchDelay(this)).
  *
  * Loaded with -javaagent:build/ts-patches.jar (scripts/ts_server.py sets JAVA_TOOL_OPTIONS).
  */
@@ -27,7 +30,9 @@ import org.pytorch.serve.util.NettyUtils;
 public final class Agent implements ClassFileTransformer {
     static final String WORKER = "org/pytorch/serve/wlm/WorkerThread";
     static final String HTTP = "org/pytorch/serve/http/HttpRequestHandler";
+    static final String MODEL = "org/pytorch/serve/wlm/Model";
     static final String DRAIN = "org/pytorch/serve/wlm/GracefulScaleDown";
+    static final String IDLE = "org/pytorch/serve/wlm/IdleDispatch";
     static final String AGGREGATOR = "org/pytorch/serve/wlm/BatchAggregator";
     static final String GET_REQUEST_DESC =
             "(Ljava/lang/String;Lorg/pytorch/serve/wlm/WorkerState;)"
@@ -57,7 +62,7 @@ public final class Agent implements ClassFileTransformer {
             Class<?> redefined,
             ProtectionDomain domain,
             byte[] bytes) {
-        if (!WORKER.equals(name) && !HTTP.equals(name)) {
+        if (!WORKER.equals(name) && !HTTP.equals(name) && !MODEL.equals(name)) {
             return null;
         }
         try {
@@ -94,6 +99,23 @@ public final class Agent implements ClassFileTransformer {
                                             return;
                                         }
                                         super.visitMethodInsn(op, owner, m, d, itf);
+                                    }
+                                };
+                            }
+                            if (MODEL.equals(name) && method.equals("pollBatch")
+                                    && desc.equals("(Ljava/lang/String;JLjava/util/Map;)V")) {
+                                return new MethodVisitor(Opcodes.ASM9, mv) {
+                                    @Override
+                                    public void visitFieldInsn(int op, String owner, String f, String d) {
+                                        if (op == Opcodes.GETFIELD && owner.equals(MODEL)
+                                                && f.equals("maxBatchDelay") && d.equals("I")) {
+                                            // same stack effect: Model -> int
+                                            super.visitMethodInsn(Opcodes.INVOKESTATIC, IDLE, "maxBatchDelay",
+                                                    "(L" + MODEL + ";)I", false);
+                                            patched[0]++;
+                                            return;
+                                        }
+                                        super.visitFieldInsn(op, owner, f, d);
                                     }
                                 };
                             }

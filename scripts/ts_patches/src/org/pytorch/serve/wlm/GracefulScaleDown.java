@@ -42,7 +42,10 @@ public final class GracefulScaleDown {
         return FLAGS.computeIfAbsent(workerId, k -> new Flags());
     }
 
-    /** Replaces WorkerThread.run's call of aggregator.getRequest(workerId, state). */
+    /**
+     * Replaces WorkerThread.run's call of aggregator.getRequest(workerId, state); also tells
+     * IdleDispatch the size of the batch taken.
+     */
     public static BaseModelRequest getRequest(
             BatchAggregator aggregator, String workerId, WorkerState state)
             throws InterruptedException, java.util.concurrent.ExecutionException {
@@ -55,7 +58,9 @@ public final class GracefulScaleDown {
         }
         f.inGetRequest = true;
         try {
-            return aggregator.getRequest(workerId, state);
+            BaseModelRequest request = aggregator.getRequest(workerId, state);
+            IdleDispatch.dispatched(aggregator.model, aggregator.jobs.size());
+            return request;
         } catch (InterruptedException e) {
             if (f.draining) {
                 requeue(aggregator, workerId);
