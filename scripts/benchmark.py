@@ -28,6 +28,7 @@ time. Bounded (a fixed request count per point), loopback only. Figures only: no
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import re
 import statistics
@@ -36,9 +37,11 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import requests
 import torch
@@ -122,14 +125,43 @@ def server_totals(ts: TorchServe, model: str) -> dict[str, float]:
             for key, (name, label) in SERVER_TOTALS.items()}
 
 
+class Client:
+    """One keep-alive HTTP/1.1 connection (``http.client``), reopened after an error.
+
+    The load generator shares the CPU with the server it measures, so it uses the standard
+    library's client directly: ``requests`` cost several times more CPU per request, taken
+    from the model while it runs (the ``client_cpu_ms_per_request`` figure shows what is left).
+    """
+
+    def __init__(self, base_url: str, timeout_s: float = 120.0):
+        url = urllib.parse.urlsplit(base_url)
+        self.host, self.port, self.timeout_s = url.hostname, url.port, timeout_s
+        self.conn: Optional[http.client.HTTPConnection] = None
+
+    def post(self, path: str, body: bytes, headers: dict) -> int:
+        """Returns the HTTP status, or 0 when the connection failed."""
+        try:
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+            self.conn.request("POST", path, body=body, headers=headers)
+            response = self.conn.getresponse()
+            response.read()
+            return response.status
+        except (OSError, http.client.HTTPException):
+            if self.conn is not None:
+                self.conn.close()
+            self.conn = None
+            return 0
+
+
 def sweep_point(ts: TorchServe, model: str, images: list[bytes], concurrency: int, requests_n: int) -> dict:
     """Sends ``requests_n`` images at ``concurrency`` in flight; returns the point's figures.
 
     Besides client-side throughput and latency: the server's mean queue time per request,
-    and (our handler only) mean preprocessing ms per image, inference ms per batch and
-    images per batch, from the handler's metrics.
+    (our handler only) mean preprocessing ms per image, inference ms per batch and images per
+    batch, from the handler's metrics, and the load generator's own CPU ms per request.
     """
-    url = f"{ts.url('inference')}/predictions/{model}"
+    path = f"/predictions/{model}"
     headers = {**ts.headers("inference"), "Content-Type": "application/octet-stream"}
     local = threading.local()
     latencies, errors = [], 0
@@ -137,27 +169,25 @@ def sweep_point(ts: TorchServe, model: str, images: list[bytes], concurrency: in
 
     def send(i):
         nonlocal errors
-        session = getattr(local, "session", None) or requests.Session()
-        local.session = session
+        client = getattr(local, "client", None) or Client(ts.url("inference"))
+        local.client = client
         t = time.perf_counter()
-        try:
-            ok = session.post(url, data=images[i % len(images)], headers=headers, timeout=120).status_code == 200
-        except requests.RequestException:
-            ok = False
+        ok = client.post(path, images[i % len(images)], headers) == 200
         with lock:
             latencies.append((time.perf_counter() - t) * 1000)
             errors += not ok
     before = server_totals(ts, model)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(send, range(requests_n)))
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     d = {k: v - before[k] for k, v in server_totals(ts, model).items()}
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
     point = {"concurrency": concurrency, "requests": requests_n, "errors": errors,
              "images_per_s": round(requests_n / wall, 2), "p50_ms": round(cuts[49], 1),
              "p90_ms": round(cuts[89], 1), "p99_ms": round(cuts[98], 1),
-             "queue_ms_mean": round(d["queue_us"] / max(d["requests"], 1) / 1000, 2)}
+             "queue_ms_mean": round(d["queue_us"] / max(d["requests"], 1) / 1000, 2),
+             "client_cpu_ms_per_request": round(1000 * cpu / requests_n, 2)}
     if d["batches"]:
         point.update(preprocess_ms_mean=round(1000 * d["preprocess_s"] / max(d["preprocessed"], 1), 2),
                      inference_ms_per_batch=round(1000 * d["inference_s"] / d["batches"], 1),
@@ -203,14 +233,19 @@ def to_markdown(result: dict) -> str:
                      f"({full['ms_per_batch']}) | {vs} | {b['warmup_s']} | {b['archive_s']} "
                      f"| {b.get('accuracy', 'n/a')} |")
     for label, sweep in result["sweeps"].items():
-        lines += ["", f"Served: `{label}`", "",
-                  "| concurrency | images/s | p50 ms | p90 ms | p99 ms | queue ms | errors "
-                  "| preprocess ms/image | inference ms/batch | images/batch |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"Served: `{label}`"]
+        again = result["backends"].get(label.removeprefix("ours:"), {}).get("limit_at_sweep")
+        if again:
+            lines.append(f"(in-process next to this sweep: batch 1 {again['1']['images_per_s']} images/s "
+                         f"({again['1']['ms_per_batch']} ms), batch {cfg['batch_size']} "
+                         f"{again[str(cfg['batch_size'])]['images_per_s']} images/s)")
+        lines += ["", "| concurrency | images/s | p50 ms | p90 ms | p99 ms | queue ms | errors "
+                  "| preprocess ms/image | inference ms/batch | images/batch | client CPU ms/request |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {p['concurrency']} | {p['images_per_s']} | {p['p50_ms']} | {p['p90_ms']} | {p['p99_ms']} "
                   f"| {p['queue_ms_mean']} | {p['errors']} | {p.get('preprocess_ms_mean', '-')} "
-                  f"| {p.get('inference_ms_per_batch', '-')} | {p.get('images_per_batch', '-')} |"
-                  for p in sweep]
+                  f"| {p.get('inference_ms_per_batch', '-')} | {p.get('images_per_batch', '-')} "
+                  f"| {p['client_cpu_ms_per_request']} |" for p in sweep]
     lines += ["", "Ratios:"] + [f"- {k}: {v}" for k, v in result["ratios"].items()]
     return "\n".join(lines) + "\n"
 
@@ -225,12 +260,13 @@ def ratios(result: dict, batch_size: int) -> dict:
     for label, sweep in sweeps.items():
         backend = label.split(":", 1)[-1]
         if backend in limits:
+            limit = limits[backend].get("limit_at_sweep", limits[backend]["limit"])
             peak = max(p["images_per_s"] for p in sweep)
-            out[f"{label} peak / in-process limit"] = round(peak / limits[backend]["limit"][bs]["images_per_s"], 2)
+            out[f"{label} peak / in-process limit"] = round(peak / limit[bs]["images_per_s"], 2)
             c1 = at(label, 1)
             if c1:
                 out[f"{label} p50 at concurrency 1 - batch-1 forward (ms)"] = round(
-                    c1["p50_ms"] - limits[backend]["limit"]["1"]["ms_per_batch"], 1)
+                    c1["p50_ms"] - limit["1"]["ms_per_batch"], 1)
     for label in sweeps:
         ours, stock = at(label, 8), at(STOCK, 8)
         if label != STOCK and ours and stock:
@@ -268,7 +304,7 @@ def main(args) -> dict:
             folder = image_folder(args.accuracy_dir, transform, transform.resize_size)
             scored = (torch.stack([img for img, _ in folder]), torch.tensor(folder.targets))
         store = tmp / "store"
-        models = []
+        models, runners = [], {}
         for backend in args.backends:
             name = f"bench-{backend}"
             start = time.perf_counter()
@@ -286,11 +322,12 @@ def main(args) -> dict:
                      "limit": in_process_limit(runner, batch, args.limit_seconds)}
             if scored is not None:
                 entry["accuracy"] = accuracy(runner, *scored, args.batch_size)
-            del runner
             print(f"{backend}: {json.dumps(entry)}", flush=True)
             result["backends"][backend] = json.loads(json.dumps(entry))
             if backend in args.serve:
                 models.append(f"{name}={name}.mar")
+                runners[backend] = runner
+            del runner
         if args.stock:
             models.append(build_stock_archive(ckpt, store, tmp))
         if models:
@@ -303,6 +340,14 @@ def main(args) -> dict:
                 for model in names:
                     label = STOCK if model == STOCK else f"ours:{model.removeprefix('bench-')}"
                     sweep_point(ts, model, images, max(args.concurrency), min(50, args.requests))  # warm-up
+                    backend = label.removeprefix("ours:")
+                    if backend in runners:
+                        # again, next to the sweep: on a shared machine the speed drifts by
+                        # 10-20 % over minutes; the ratios use this figure
+                        torch.set_num_threads(args.threads)
+                        limit = in_process_limit(runners.pop(backend), batch, args.limit_seconds)
+                        result["backends"][backend]["limit_at_sweep"] = json.loads(json.dumps(limit))
+                        print(f"{backend} in-process, next to the sweep: {json.dumps(limit)}", flush=True)
                     result["sweeps"][label] = []
                     for c in args.concurrency:
                         point = sweep_point(ts, model, images, c, args.requests)

@@ -81,7 +81,10 @@ def server(tmp_path_factory, checkpoint):
     store = tmp_path_factory.mktemp("store")
     build_archive(checkpoint, store, MODEL, "--batch-size", "8", "--max-batch-delay", "10",
                   "--num-threads", "1")
+    # Upstream batching (no IdleDispatch): two requests sent together then wait 10 ms for each
+    # other and share a batch, which is what the hostile-input tests are about.
     with running_server(tmp_path_factory.mktemp("ts"), store, [f"{MODEL}={MODEL}.mar"],
+                        env={"TS_IDLE_DISPATCH": "0"},
                         max_request_size=str(MAX_REQUEST_BYTES)) as ts:
         yield ts
 
