@@ -159,7 +159,8 @@ def sweep_point(ts: TorchServe, model: str, images: list[bytes], concurrency: in
 
     Besides client-side throughput and latency: the server's mean queue time per request,
     (our handler only) mean preprocessing ms per image, inference ms per batch and images per
-    batch, from the handler's metrics, and the load generator's own CPU ms per request.
+    batch, from the handler's metrics, the share of wall time the worker spent in forward passes
+    (``model_busy``), and the load generator's own CPU ms per request.
     """
     path = f"/predictions/{model}"
     headers = {**ts.headers("inference"), "Content-Type": "application/octet-stream"}
@@ -189,9 +190,12 @@ def sweep_point(ts: TorchServe, model: str, images: list[bytes], concurrency: in
              "queue_ms_mean": round(d["queue_us"] / max(d["requests"], 1) / 1000, 2),
              "client_cpu_ms_per_request": round(1000 * cpu / requests_n, 2)}
     if d["batches"]:
+        # model_busy: the share of the point's wall time the worker spent in forward passes
+        # (the server's own overhead is the rest, whatever the machine's speed at the time)
         point.update(preprocess_ms_mean=round(1000 * d["preprocess_s"] / max(d["preprocessed"], 1), 2),
                      inference_ms_per_batch=round(1000 * d["inference_s"] / d["batches"], 1),
-                     images_per_batch=round(d["preprocessed"] / d["batches"], 2))
+                     images_per_batch=round(d["preprocessed"] / d["batches"], 2),
+                     model_busy=round(d["inference_s"] / wall, 3))
     return point
 
 
@@ -240,11 +244,12 @@ def to_markdown(result: dict) -> str:
                          f"({again['1']['ms_per_batch']} ms), batch {cfg['batch_size']} "
                          f"{again[str(cfg['batch_size'])]['images_per_s']} images/s)")
         lines += ["", "| concurrency | images/s | p50 ms | p90 ms | p99 ms | queue ms | errors "
-                  "| preprocess ms/image | inference ms/batch | images/batch | client CPU ms/request |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| preprocess ms/image | inference ms/batch | images/batch | model busy % "
+                  "| client CPU ms/request |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {p['concurrency']} | {p['images_per_s']} | {p['p50_ms']} | {p['p90_ms']} | {p['p99_ms']} "
                   f"| {p['queue_ms_mean']} | {p['errors']} | {p.get('preprocess_ms_mean', '-')} "
                   f"| {p.get('inference_ms_per_batch', '-')} | {p.get('images_per_batch', '-')} "
+                  f"| {round(100 * p['model_busy'], 1) if 'model_busy' in p else '-'} "
                   f"| {p['client_cpu_ms_per_request']} |" for p in sweep]
     lines += ["", "Ratios:"] + [f"- {k}: {v}" for k, v in result["ratios"].items()]
     return "\n".join(lines) + "\n"

@@ -41,6 +41,9 @@ def test_benchmark_smoke(tmp_path):
             assert p["queue_ms_mean"] >= 0
     ours = saved["sweeps"]["ours:onnxruntime"]
     assert all(p["inference_ms_per_batch"] > 0 and 1 <= p["images_per_batch"] <= 4 for p in ours)
+    assert all(0 < p["model_busy"] <= 1 and p["client_cpu_ms_per_request"] > 0 for p in ours)
+    assert "limit_at_sweep" in saved["backends"]["onnxruntime"]  # re-measured next to its sweep
+    assert "limit_at_sweep" not in saved["backends"]["eager"]  # not served
     assert ours[0]["images_per_batch"] == 1  # concurrency 1: nothing to batch with
     assert "preprocess_ms_mean" not in saved["sweeps"]["stock"][0]  # the stock handler has no such metric
     ratios = saved["ratios"]
