@@ -31,7 +31,7 @@ $(STAMP): requirements.txt
 system-deps:
 	@bash scripts/ensure_system_deps.sh
 
-# Java agent fixing TorchServe 0.12's frontend (graceful scale-down, 401 for bad tokens).
+# Java agent patching TorchServe 0.12's frontend (graceful scale-down, 401 for bad tokens, idle dispatch).
 $(PATCHES): $(shell find scripts/ts_patches -type f) $(STAMP) | system-deps
 	bash scripts/ts_patches/build.sh $(PY) $@
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -206,9 +206,9 @@ class EvalTransform:
 
     def to_dict(self) -> dict:
         """Returns plain-Python settings (YAML/JSON/``torch.load(weights_only=True)`` safe)."""
-        return {"crop_size": self.crop_size, "resize_size": self.resize_size,
-                "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation}
+        d = asdict(self)  # fields only: not the derived _scale / _shift
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
 
     def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
         """The source region (left, top, right, bottom), px, that ends up in the model input.

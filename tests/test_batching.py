@@ -54,7 +54,8 @@ def batch_size_sum_and_count(ts) -> tuple[float, float]:
 def test_lone_requests_skip_the_batch_delay_and_load_still_batches(tmp_path, store, jpeg_bytes):
     with running_server(tmp_path, store, [f"{MODEL}={MODEL}.mar"]) as ts:
         lone = lone_request_seconds(ts, jpeg_bytes)
-        assert max(lone[1:]) < DELAY_MS / 1000 / 2, lone  # upstream: >= 1.5 s each
+        # the first request also warms up the frontend's code paths; upstream: >= 1.5 s each
+        assert max(lone[1:]) < DELAY_MS / 1000 / 2, lone
 
         images_before, batches_before = batch_size_sum_and_count(ts)
         url, auth = f"{ts.url('inference')}/predictions/{MODEL}", ts.headers("inference")
