@@ -30,7 +30,7 @@ from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from backends import BACKENDS, ONNX_FILES, make_runner
+from backends import BACKENDS, ONNX_FILES, make_runner, retain_heap
 from models import load_trained
 from payload import Batch, InternalError, parse_request, parse_topk
 from postprocessing import topk_records
@@ -50,6 +50,8 @@ class ImageClassifierHandler(BaseHandler):
             the cores.
         backend: one of ``backends.BACKENDS`` (default ``eager``); ONNX Runtime back-ends read
             the archive's ``model.onnx`` / ``model.int8.onnx``.
+        retain_heap_mb: free CPU heap (MiB) the worker keeps for the next batch instead of
+            unmapping it (``backends.retain_heap``). Default 1024; 0 leaves glibc's defaults.
 
     Metrics (declared in ``monitoring/metrics.yaml``; dimensions ModelName, ModelVersion):
     ``classifier_{preprocess,inference,postprocess}_seconds`` (histograms: per image, per batch,
@@ -93,6 +95,8 @@ class ImageClassifierHandler(BaseHandler):
             workers = int((context.model_yaml_config or {}).get("maxWorkers") or 1)
             threads = max(1, len(os.sched_getaffinity(0)) // max(workers, 1))
         torch.set_num_threads(threads)
+        retain_mb = int(cfg.get("retain_heap_mb", 1024))
+        heap = f"{retain_mb} MiB of free heap retained" if retain_heap(retain_mb) else "glibc heap defaults"
 
         gpu_id = props.get("gpu_id")
         if torch.cuda.is_available() and gpu_id is not None:
@@ -129,9 +133,9 @@ class ImageClassifierHandler(BaseHandler):
         self._init_metrics(context)
         self.initialized = True
         logger.info("loaded %s (%d classes) on %s, backend %s (warm-up %.1f s), default topk %d, "
-                    "%d intra-op threads", exported["arch"], len(self.labels), self.device,
+                    "%d intra-op threads, %s", exported["arch"], len(self.labels), self.device,
                     self.backend, time.perf_counter() - start, self.default_topk,
-                    torch.get_num_threads())
+                    torch.get_num_threads(), heap)
 
     def _init_metrics(self, context) -> None:
         """Looks up (or, if the metrics config lacks them, creates) the handler's metrics."""

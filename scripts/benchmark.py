@@ -8,7 +8,8 @@
 For each back-end in ``--backends`` (``handler/backends.py``) the archive step builds a model
 archive (``training/archive.py --backend``; ONNX export and int8 calibration happen there), and:
   1. in-process limit: the archive's runner on already preprocessed tensors at batch 1 and at
-     ``--batch-size``, ``--threads`` intra-op threads, no server; plus its warm-up cost (runner
+     ``--batch-size``, ``--threads`` intra-op threads, no server, with the worker's heap setting
+     (``--retain-heap-mb``, applied to this process too); plus its warm-up cost (runner
      construction + first calls) and its top-1 accuracy on ``--accuracy-dir`` (skipped when
      ``--crop-size`` serves at another resolution than the model was trained at);
 Then one real TorchServe serves the ``--serve`` archives (our handler, batchSize
@@ -47,7 +48,7 @@ import requests
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from handler.backends import BACKENDS, ONNX_FILES, make_runner  # noqa: E402
+from handler.backends import BACKENDS, ONNX_FILES, make_runner, retain_heap  # noqa: E402
 from scripts.classify import list_images  # noqa: E402
 from scripts.ts_server import ROOT, TorchServe, server_overrides  # noqa: E402
 from training import archive  # noqa: E402
@@ -290,6 +291,9 @@ def main(args) -> dict:
     if not paths:
         raise SystemExit(f"no images under {args.images}")
     images = [p.read_bytes() for p in paths]
+    # the limit runs with the allocator setting the workers get, so that the ratio compares
+    # serving, not allocators
+    retain_heap(args.retain_heap_mb)
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     trained_at = ckpt["preprocessing"]
     result = {"backends": {}, "sweeps": {}}
@@ -318,7 +322,8 @@ def main(args) -> dict:
                 "--checkpoint", str(checkpoint), "--model-name", name, "--export-path", str(store),
                 "--backend", backend, "--batch-size", str(args.batch_size),
                 "--max-batch-delay", str(args.max_batch_delay), "--min-workers", str(args.workers),
-                "--max-workers", str(args.workers), "--num-threads", str(args.threads), *extra]))
+                "--max-workers", str(args.workers), "--num-threads", str(args.threads),
+                "--retain-heap-mb", str(args.retain_heap_mb), *extra]))
             archive_s = round(time.perf_counter() - start, 2)
             model_dir = tmp / "unpacked" / backend
             zipfile.ZipFile(mar).extractall(model_dir)
@@ -363,7 +368,8 @@ def main(args) -> dict:
     result["config"] = {"arch": ckpt["arch"], "crop_size": ckpt["preprocessing"]["crop_size"],
                         "trained_crop_size": trained_at["crop_size"], "batch_size": args.batch_size,
                         "max_batch_delay": args.max_batch_delay, "workers": args.workers,
-                        "threads": args.threads, "images": len(images),
+                        "threads": args.threads, "retain_heap_mb": args.retain_heap_mb,
+                        "images": len(images),
                         "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     result["ratios"] = ratios(result, args.batch_size)
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -398,6 +404,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-delay", type=int, default=5, help="ms")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="intra-op threads per worker")
+    p.add_argument("--retain-heap-mb", type=int, default=1024,
+                   help="free heap kept between batches, workers and in-process limit alike "
+                        "(handler/backends.retain_heap; 0: glibc's defaults)")
     p.add_argument("--limit-seconds", type=float, default=5.0, help="timing of each in-process point")
     p.add_argument("--output-dir", type=Path, default=ROOT / "runs" / "benchmark")
     return p

@@ -1,11 +1,13 @@
 """Inference back-ends (handler/backends.py) against the eager fp32 model they replace."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import encode, scene
+from conftest import ROOT, encode, scene
 from handler.backends import make_runner
 from training.export import export_onnx, onnx_predictions, quantize_int8
 from training.predict import load_classifier
@@ -87,3 +89,36 @@ def test_bad_backend_arguments_are_refused(reference):
         make_runner("eager", None)
     with pytest.raises(ValueError, match="example"):
         make_runner("compile", reference[0])
+
+
+# Allocates, touches and frees blocks of 103 and 26 MB (VGG16's and DenseNet121's largest
+# activations at batch 8, 224 px), like a forward pass; prints the minor page faults of rounds
+# 7-10 (the retained heap settles over the first rounds, as over a worker's first batches).
+_REALLOCATE = """
+import resource, sys, torch
+from handler.backends import retain_heap
+print(retain_heap(int(sys.argv[1])))
+def touch():
+    blocks = [torch.empty(mb << 18).fill_(1.0) for mb in (103, 26, 103, 26)]  # float32
+    del blocks
+for _ in range(6):
+    touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    touch()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults_after_warm_up(megabytes: int) -> tuple[bool, int]:
+    out = subprocess.run([sys.executable, "-c", _REALLOCATE, str(megabytes)], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+def test_retain_heap_reuses_freed_pages_instead_of_faulting_them_in_again():
+    large = 2 * (103 << 20) // 4096  # pages of the two blocks above glibc's 32 MiB mmap ceiling
+    applied, faults = _faults_after_warm_up(0)  # glibc defaults: fresh mmaps every round
+    assert not applied and faults >= 2 * large, faults
+    applied, faults = _faults_after_warm_up(1024)  # 0 once settled; one block re-faulted at most
+    assert applied and faults < large, faults

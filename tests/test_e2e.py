@@ -9,7 +9,7 @@ import pytest
 import requests
 import torch
 
-from conftest import build_archive, encode, running_server, scene
+from conftest import ROOT, build_archive, encode, running_server, scene
 from training.predict import load_classifier
 
 pytestmark = pytest.mark.e2e
@@ -163,3 +163,13 @@ def test_form_urlencoded_body_is_answered_415_with_instructions(server):
                                "Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
     assert r.status_code == 415
     assert "Content-Type: application/octet-stream" in r.json()["message"]
+
+
+def test_frontend_jvm_gets_the_vmargs_of_config_properties(server):
+    import psutil
+
+    from scripts.ts_server import read_properties
+    vmargs = read_properties(ROOT / "config.properties")["vmargs"].split()
+    assert "-XX:TieredStopAtLevel=1" in vmargs
+    java = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if p.name() == "java"]
+    assert len(java) == 1 and set(vmargs) <= set(java[0].cmdline())

@@ -208,3 +208,15 @@ def test_threads_default_to_the_cpus_shared_by_the_workers(tmp_path, three_class
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_worker_heap_setting_comes_from_the_archive(tmp_path, three_class_checkpoint, monkeypatch):
+    import classifier_handler
+    calls = []
+    monkeypatch.setattr(classifier_handler, "retain_heap", lambda mb: calls.append(mb) or mb > 0)
+    model_dir, cfg = _model_dir(tmp_path / "default", three_class_checkpoint)
+    assert cfg["handler"]["retain_heap_mb"] == 1024
+    classifier_handler.ImageClassifierHandler().initialize(_context(model_dir, cfg))
+    model_dir, cfg = _model_dir(tmp_path / "off", three_class_checkpoint, "--retain-heap-mb", "0")
+    classifier_handler.ImageClassifierHandler().initialize(_context(model_dir, cfg))
+    assert calls == [1024, 0]

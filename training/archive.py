@@ -67,6 +67,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--num-threads", type=int, default=0,
                    help="intra-op threads per worker, torch and ONNX Runtime "
                         "(0: the worker's CPUs / max-workers)")
+    p.add_argument("--retain-heap-mb", type=int, default=1024,
+                   help="free CPU heap (MiB) a worker keeps between batches instead of unmapping "
+                        "it (handler/backends.retain_heap; 0: glibc's defaults)")
     p.add_argument("--device-type", choices=["cpu", "gpu"], default=None,
                    help="pin workers to cpu or gpu (default: TorchServe decides, GPU if present)")
     p.add_argument("--device-ids", type=int, nargs="*", default=None, help="GPU ids for gpu workers")
@@ -95,7 +98,8 @@ def model_config(args, preprocessing: dict) -> dict:
     if args.device_ids:
         cfg["deviceIds"] = list(args.device_ids)
     cfg["handler"] = {"topk": args.topk, "num_threads": args.num_threads,
-                      "backend": args.backend, "preprocessing": preprocessing}
+                      "retain_heap_mb": args.retain_heap_mb, "backend": args.backend,
+                      "preprocessing": preprocessing}
     return cfg
 
 
