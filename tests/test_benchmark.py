@@ -52,3 +52,15 @@ def test_benchmark_smoke(tmp_path):
     assert ratios["ours:onnxruntime p99 / stock p99 at concurrency 8"] > 0
     assert "onnxruntime in-process / eager in-process (batch 4)" in ratios
     assert "| concurrency |" in (tmp_path / "out" / "benchmark.md").read_text()
+
+
+def test_heap_ab_smoke():
+    from scripts import bench_heap
+    args = bench_heap.get_args_parser().parse_args([
+        "--arch", "resnet18", "--batch-size", "1", "--crop-size", "32", "--threads", "1",
+        "--rounds", "1", "--batches", "1"])
+    rows = bench_heap.main(args)
+    assert [r["heap"] for r in rows] == ["default", "retained"]
+    for r in rows:
+        assert r["arch"] == "resnet18" and r["ms_per_batch"] > 0 and r["peak_rss_mb"] > 0
+        assert r["minor_faults"] >= 0 and r["sys_ms"] >= 0
