@@ -87,6 +87,20 @@ def write_config(base: Path, dest: Path, overrides: dict[str, str]) -> Path:
     return dest
 
 
+def restartable(snapshot: Path, dest: Path) -> Path:
+    """``snapshot`` as a config file ``torchserve`` can start from (a copy at ``dest`` if needed).
+
+    The frontend writes snapshots with Java properties escaping (``vmargs=-XX\\:Flag\\=1``),
+    but the ``torchserve`` launcher (``ts/model_server.py``, 0.12) hands ``vmargs`` to the JVM
+    as written, and the JVM refuses ``-XX\\:...`` ("Unrecognized option"). The copy carries
+    ``vmargs`` unescaped; every other line is unchanged (the frontend parses them as Java does).
+    """
+    vmargs = read_properties(snapshot).get("vmargs")
+    if not vmargs:
+        return snapshot
+    return write_config(snapshot, dest, {"vmargs": vmargs})
+
+
 @dataclass
 class TorchServe:
     """One TorchServe process tree.
@@ -153,6 +167,7 @@ class TorchServe:
             config = self.last_snapshot()
             if config is None:
                 raise ServerError(f"nothing to restore: no snapshot in {self.log_dir / 'config'}")
+            config = restartable(config, self.workdir / "restore.properties")
         cmd = [str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground",
                "--ts-config", str(config), "--model-store", str(Path(self.model_store).resolve())]
         if self.models and not self.restore:

@@ -227,10 +227,14 @@ def test_worker_killed_during_load_is_restarted(server):
 
 @pytest.fixture(scope="module")
 def slow_server(tmp_path_factory):
-    """A deliberately slow model (DenseNet121 at 1024 px, about 1-2 s per image on 2 cores)."""
+    """A deliberately slow model (DenseNet121 at 1536 px, about 2 s per image on 2 cores).
+
+    It must outlast the 1 s responseTimeout with a margin: at 1024 px it took 1.0 s once the
+    worker kept its heap (``retain_heap``), 1-2 s before.
+    """
     root = tmp_path_factory.mktemp("slow")
     ckpt = make_checkpoint(root / "slow.pt", ["a", "b"], arch="densenet121",
-                           preprocessing={"crop_size": 1024, "resize_size": 1024,
+                           preprocessing={"crop_size": 1536, "resize_size": 1536,
                                           "mean": [0.5] * 3, "std": [0.25] * 3})
     store = root / "store"
     build_archive(ckpt, store, "slowq", "--batch-size", "1", "--response-timeout", "120")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from scripts.serve import restored_models
-from scripts.ts_server import ROOT, TorchServe, model_names, read_properties, write_config
+from scripts.ts_server import ROOT, TorchServe, model_names, read_properties, restartable, write_config
 
 pytestmark = pytest.mark.unit
 
@@ -66,3 +66,17 @@ def test_token_waits_for_a_key_file_being_written(tmp_path):
         assert ts.headers("management") == {"Authorization": "Bearer m-key"}
     finally:
         writer.join()
+
+
+def test_restart_config_unescapes_the_snapshots_vmargs(tmp_path):
+    snapshot = tmp_path / "20261121-snapshot.cfg"
+    snapshot.write_text(r"vmargs=-XX\:TieredStopAtLevel\=1" "\n"
+                        r'model_snapshot={\n"name"\: "startup.cfg"}' "\n"
+                        "model_store=/abs/store\n")
+    copy = restartable(snapshot, tmp_path / "restore.properties")
+    assert copy != snapshot
+    lines = copy.read_text().splitlines()
+    assert lines[0] == "vmargs=-XX:TieredStopAtLevel=1"  # what the JVM accepts
+    assert lines[1:] == snapshot.read_text().splitlines()[1:]  # the frontend unescapes the rest
+    snapshot.write_text("model_store=/abs/store\n")
+    assert restartable(snapshot, tmp_path / "other.properties") == snapshot
