@@ -105,8 +105,9 @@ def retain_heap(megabytes: int) -> bool:
     By default glibc serves each large block (a batch's activations: up to 26 MB per tensor
     for DenseNet121 at batch 8 and 224 px, 103 MB for VGG16) with fresh ``mmap`` pages and
     unmaps it when freed, so every forward pass faults in and zeroes its working set again.
-    Measured per batch of 8 at 224 px on 2 threads (``ru_minflt``, ``ru_stime``): DenseNet121
-    20-27k minor page faults and 50-60 ms of system time, VGG16 88k and 210-240 ms.
+    Measured per batch of 8 at 224 px on 2 threads (``ru_minflt``, ``ru_stime``;
+    ``scripts/bench_heap.py``): DenseNet121 20-35k minor page faults and 46-86 ms of system
+    time, VGG16 88-120k and 210-373 ms.
     This sets ``M_MMAP_MAX`` to 0 (blocks come from the heap, whatever their size) and
     ``M_TRIM_THRESHOLD`` to ``megabytes`` (free heap kept before glibc trims it), which
     leaves both at 0 faults. The price: the worker keeps its peak heap resident (it reaches
