@@ -109,8 +109,8 @@ def retain_heap(megabytes: int) -> bool:
     ``scripts/bench_heap.py``): DenseNet121 20-35k minor page faults and 46-86 ms of system
     time, VGG16 88-120k and 210-373 ms.
     This sets ``M_MMAP_MAX`` to 0 (blocks come from the heap, whatever their size) and
-    ``M_TRIM_THRESHOLD`` to ``megabytes`` (free heap kept before glibc trims it), which
-    leaves both at 0 faults. The price: the worker keeps its peak heap resident (it reaches
+    ``M_TRIM_THRESHOLD`` to ``megabytes`` (free heap kept before glibc trims it): both
+    models then run at 0 faults once the heap has settled (a few batches). The price: the worker keeps its peak heap resident (it reaches
     that peak anyway on every batch). The same problem is why PyTorch's CPU performance guide
     suggests preloading jemalloc or tcmalloc; this needs no extra library.
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch

@@ -7,8 +7,9 @@
  * batch of one.
  *
  * With the agent, pollBatch reads its delay from maxBatchDelay(model) instead of the field:
- *   - the model's last batch held one job (or none was dispatched yet) and no job is waiting: 0 ms, so the first job goes
- *     out with whatever is already queued (upstream's loop takes at most one more at 0 ms);
+ *   - the model's last batch held one job (or none was dispatched yet) and no job is
+ *     waiting: 0 ms, so the first job goes out with whatever is already queued (upstream's
+ *     loop takes at most one more at 0 ms);
  *   - otherwise (the last batch had several jobs, or jobs are queued): maxBatchDelay, as
  *     upstream. A burst after an idle spell therefore costs one short batch, after which the
  *     queue is non-empty and batching resumes.
