@@ -13,7 +13,9 @@ Selected by ``handler.backend`` in the archive's ``model-config.yaml`` (``traini
   * ``onnxruntime``: ``model.onnx`` (fp32, exported by the archive step) in ONNX Runtime.
   * ``onnxruntime-int8``: ``model.int8.onnx``, the same graph after ONNX Runtime static
     post-training quantization (QDQ, per-channel int8 weights, uint8 activations calibrated
-    on training images; ``training/export.py``).
+    on training images; pre-activation batch norms as depthwise convs and one range per
+    concat chain, so that the whole network runs in ONNX Runtime's integer NHWC kernels;
+    ``training/export.py``).
 """
 
 from __future__ import annotations

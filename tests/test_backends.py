@@ -9,7 +9,8 @@ import torch
 
 from conftest import ROOT, encode, scene
 from handler.backends import make_runner
-from training.export import export_onnx, onnx_predictions, quantize_int8
+from training.export import (batchnorm_as_depthwise_conv, concat_groups, export_onnx,
+                             onnx_predictions, quantize_int8)
 from training.predict import load_classifier
 
 pytestmark = pytest.mark.unit
@@ -53,6 +54,93 @@ def test_int8_is_quantized_and_stays_close_to_fp32(reference, onnx_fp32, tmp_pat
     err = (out - logits).abs().max() / logits.std()
     assert 0 < err < 0.25, float(err)
     assert onnx_predictions(int8, images).tolist() == out.argmax(1).tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_densenet(tmp_path_factory):
+    """(fp32 ONNX path, images float32 [8, 3, 32, 32], fp32 logits): torchvision's DenseNet
+    (pre-activation BN-ReLU-conv layers, concatenated features) at a tiny size, with batch norm
+    statistics that are not the identity."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 3), num_init_features=16,
+                                        bn_size=2, num_classes=3).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    images = torch.randn(8, 3, 32, 32)
+    with torch.inference_mode():
+        logits = model(images)
+    return export_onnx(model, 32, tmp_path_factory.mktemp("densenet") / "model.onnx"), images, logits
+
+
+def _ort_session(path, optimized=None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    if optimized:
+        options.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def test_batchnorm_as_depthwise_conv_computes_the_same_function(tiny_densenet, tmp_path):
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    path, images, logits = tiny_densenet
+    quant_pre_process(str(path), str(tmp_path / "prepared.onnx"))
+    model = onnx.load(str(tmp_path / "prepared.onnx"))
+    before = [n.op_type for n in model.graph.node].count("BatchNormalization")
+    # pre-activation norms: each dense layer's norm1, the transition's, norm5 (norm0 and norm2
+    # follow a conv and are folded into it by quant_pre_process)
+    assert before == 2 + 3 + 1 + 1
+    assert batchnorm_as_depthwise_conv(model) == before
+    assert "BatchNormalization" not in {n.op_type for n in model.graph.node}
+    onnx.save(model, str(tmp_path / "dw.onnx"))
+    out = _ort_session(tmp_path / "dw.onnx").run(None, {"images": images.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), logits, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_densenet_runs_integer_end_to_end_and_concats_copy(tiny_densenet, tmp_path):
+    """What makes int8 DenseNet121 fast in ONNX Runtime: no fp32 batch norm between the
+    QLinearConvs (nor the layout Transposes around one), and concat inputs quantized exactly
+    like the concat's output (QLinearConcat then copies bytes instead of requantizing)."""
+    import onnx
+    from onnx import numpy_helper
+
+    path, images, logits = tiny_densenet
+    int8 = quantize_int8(path, tmp_path / "model.int8.onnx", images)
+    model = onnx.load(str(int8))
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {out: n for n in model.graph.node for out in n.output}
+    consumers = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    concats = [n for n in model.graph.node if n.op_type == "Concat"]
+    assert len(concats) >= 5 and len(concat_groups(model)) == 2  # one group per dense block
+    for concat in concats:
+        (quant,) = consumers[concat.output[0]]
+        assert quant.op_type == "QuantizeLinear"
+        params = {(float(init[quant.input[1]]), int(init[quant.input[2]]))}
+        for name in concat.input:
+            dq = producer[name]
+            assert dq.op_type == "DequantizeLinear"
+            params.add((float(init[dq.input[1]]), int(init[dq.input[2]])))
+        assert len(params) == 1, (concat.name, params)
+
+    session = _ort_session(int8, optimized=tmp_path / "optimized.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "BatchNormalization" not in ops and ops.count("QLinearConv") >= 1 + 5 * 2 + 1 + 7
+    assert ops.count("Transpose") <= 2 and ops.count("DequantizeLinear") <= 1, ops
+    out = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    err = (out - logits).abs().max() / logits.std()
+    assert 0 < err < 0.25, float(err)
 
 
 def test_bf16_runs_in_bfloat16_and_returns_float32(reference, three_class_checkpoint):

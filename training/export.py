@@ -35,13 +35,158 @@ def export_onnx(model: torch.nn.Module, crop_size: int, path: Path) -> Path:
     return path
 
 
+def batchnorm_as_depthwise_conv(model) -> int:
+    """Rewrites each ``BatchNormalization`` on a 4-D tensor as a depthwise 1x1 ``Conv``, in place.
+
+    Inference batch norm is a per-channel affine map, ``y = x * s + b`` with
+    ``s = gamma / sqrt(var + eps)`` and ``b = beta - mean * s``: exactly a ``Conv`` with
+    ``group = C`` and weight ``s`` as float32 [C, 1, 1, 1], bias ``b`` float32 [C]. The fp32
+    output is the same (to rounding). Batch norms right after a conv are folded into it by
+    ``quant_pre_process`` first; what is left are pre-activation norms (DenseNet's
+    ``norm1`` before each dense layer's ReLU and 1x1 conv, its transitions' ``norm`` and
+    ``norm5``: 62 in DenseNet121).
+
+    Why: ONNX Runtime's quantizer has no integer batch norm, so each one ran as
+    DequantizeLinear -> fp32 BatchNormalization (NCHW) -> QuantizeLinear, with Transposes to
+    and from the NHWC layout of the QLinearConvs around it. As a conv it becomes a QLinearConv
+    (per-channel int8 weights hold each ``s`` to within 1/254 of its magnitude; the following
+    ReLU is folded into the uint8 output's range) and the whole network stays int8 NHWC:
+    DenseNet121 batch 8 on 2 AVX2 cores went from 48 to 25 ms at 64 px and from 303 to 206 ms
+    at 224 px (README "Benchmark").
+
+    Args:
+        model: an ``onnx.ModelProto`` after shape inference (``quant_pre_process``); norms whose
+            input rank is unknown or not 4, or that have ``training_mode`` set, are left alone.
+
+    Returns:
+        The number of nodes rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    init = {t.name: t for t in graph.initializer}
+    rank = {v.name: len(v.type.tensor_type.shape.dim)
+            for v in list(graph.value_info) + list(graph.input)
+            if v.type.tensor_type.HasField("shape")}
+    nodes, rewritten = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "BatchNormalization" or rank.get(node.input[0]) != 4
+                or attrs.get("training_mode", 0) or len(node.output) != 1
+                or not all(name in init for name in node.input[1:5])):
+            nodes.append(node)
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(init[name]).astype(np.float64)
+                                  for name in node.input[1:5])
+        scale = gamma / np.sqrt(var + attrs.get("epsilon", 1e-5))
+        bias = beta - mean * scale
+        channels = len(scale)
+        weight_name, bias_name = f"{node.name}.dw_weight", f"{node.name}.dw_bias"
+        graph.initializer.extend([
+            numpy_helper.from_array(scale.reshape(channels, 1, 1, 1).astype(np.float32), weight_name),
+            numpy_helper.from_array(bias.astype(np.float32), bias_name)])
+        nodes.append(helper.make_node("Conv", [node.input[0], weight_name, bias_name],
+                                      list(node.output), name=f"{node.name}.dw", group=channels,
+                                      kernel_shape=[1, 1]))
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)  # the norms' gamma, beta, mean and var
+    return rewritten
+
+
+def concat_groups(model) -> list[list[str]]:
+    """Tensor names that must share one quantization range for ``Concat`` to copy, grouped.
+
+    A group is the inputs and outputs of a chain of concats (in DenseNet, one dense block: the
+    block's input, every layer's new features, every running concatenation), plus, back from
+    any of them, the inputs of ops that ONNX Runtime's QDQ quantizer quantizes exactly like
+    their input (``QDQDirect8BitOp`` in its registry: MaxPool, AveragePool, Reshape, ...): the
+    quantizer gives such an op's output its input's range whatever is asked for the output.
+    """
+    from onnxruntime.quantization.operators.direct_q8 import QDQDirect8BitOp
+    from onnxruntime.quantization.registry import QDQRegistry
+
+    same_as_input = {op for op, cls in QDQRegistry.items() if issubclass(cls, QDQDirect8BitOp)}
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        parent.setdefault(name, name)
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for node in model.graph.node:
+        if node.op_type == "Concat":
+            for name in list(node.input) + list(node.output):
+                parent[root(name)] = root(node.output[0])
+    for node in reversed(model.graph.node):  # topological order reversed: chains back to front
+        if node.op_type in same_as_input and node.output[0] in parent:
+            parent[root(node.input[0])] = root(node.output[0])
+    groups: dict[str, list[str]] = {}
+    for name in parent:
+        groups.setdefault(root(name), []).append(name)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def shared_concat_ranges(model_path: Path, reader, workdir: Path) -> dict[str, list[dict]]:
+    """Calibrates ``model_path`` and gives every tensor of each ``concat_groups`` group the union
+    of the group's ranges, as ONNX Runtime ``TensorQuantOverrides`` (``{"rmin", "rmax"}``).
+
+    Why: ``QLinearConcat`` copies an input as it is when its scale and zero point equal the
+    output's, and otherwise requantizes every byte through a lookup table. DenseNet121 copies
+    its growing feature maps 58 times, so with one range per dense block its concats cost
+    about a third as much: 211-220 ms -> 182-185 ms per batch of 8 at 224 px on 2 AVX2 cores.
+    The wider range costs precision in the narrower tensors: top-1 on the 750 intel-scenes
+    test photos (64 px) was 79.87 % against 79.73 % without sharing and 80.0 % in fp32; the
+    archive's accuracy gate checks every model.
+
+    Args:
+        model_path: the fp32 ONNX model to be quantized.
+        reader: a fresh ``CalibrationDataReader`` over the calibration batches.
+        workdir: a scratch folder for ONNX Runtime's augmented model.
+    """
+    import onnx
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    groups = concat_groups(onnx.load(str(model_path)))
+    if not groups:
+        return {}
+    calibrator = create_calibrator(str(model_path), None,
+                                   augmented_model_path=str(workdir / "augmented.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax)
+    calibrator.collect_data(reader)
+    ranges = calibrator.compute_data()
+    overrides = {}
+    for group in groups:
+        known = [ranges[name].range_value for name in group if name in ranges]
+        if not known:
+            continue
+        low = np.float32(min(float(np.min(lo)) for lo, _ in known))
+        high = np.float32(max(float(np.max(hi)) for _, hi in known))
+        overrides.update({name: [{"rmin": low, "rmax": high}] for name in group})
+    return overrides
+
+
 def quantize_int8(fp32_path: Path, path: Path, calibration: torch.Tensor) -> Path:
     """Static int8 quantization of an fp32 ONNX model with ONNX Runtime.
 
     QDQ format, per-channel symmetric int8 weights, uint8 activations whose ranges come from
     running ``calibration`` (float32 [N, 3, H, W], preprocessed training images) through the
-    model (MinMax calibration: ``onnxruntime.quantization.quantize_static`` defaults).
+    model (MinMax calibration: ``onnxruntime.quantization.quantize_static`` defaults). Before
+    quantizing, the graph is prepared for ONNX Runtime's integer kernels:
+    ``batchnorm_as_depthwise_conv`` (no fp32 islands) and ``shared_concat_ranges`` (concats
+    copy instead of requantizing). DenseNet121 batch 8 on 2 AVX2 cores: 303 -> 182 ms at
+    224 px; plain quantization was 1.23x fp32 eager, this about 2x (README "Benchmark").
+
+    Returns:
+        ``path``.
     """
+    import onnx
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -57,9 +202,13 @@ def quantize_int8(fp32_path: Path, path: Path, calibration: torch.Tensor) -> Pat
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))  # shape inference + graph folding
+        model = onnx.load(str(prepared))
+        logger.info("int8: %d batch norms as depthwise convs", batchnorm_as_depthwise_conv(model))
+        onnx.save(model, str(prepared))
+        overrides = shared_concat_ranges(prepared, Reader(), Path(tmp))
         quantize_static(str(prepared), str(path), Reader(), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        per_channel=True)
+                        per_channel=True, extra_options={"TensorQuantOverrides": overrides})
     return path
 
 
