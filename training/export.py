@@ -52,7 +52,7 @@ def batchnorm_as_depthwise_conv(model) -> int:
     (per-channel int8 weights hold each ``s`` to within 1/254 of its magnitude; the following
     ReLU is folded into the uint8 output's range) and the whole network stays int8 NHWC:
     DenseNet121 batch 8 on 2 AVX2 cores went from 48 to 25 ms at 64 px and from 303 to 206 ms
-    at 224 px (README "Benchmark").
+    at 224 px (README "How the int8 graph is prepared").
 
     Args:
         model: an ``onnx.ModelProto`` after shape inference (``quant_pre_process``); norms whose
@@ -68,7 +68,7 @@ def batchnorm_as_depthwise_conv(model) -> int:
     rank = {v.name: len(v.type.tensor_type.shape.dim)
             for v in list(graph.value_info) + list(graph.input)
             if v.type.tensor_type.HasField("shape")}
-    nodes, rewritten = [], 0
+    nodes, replaced, unused = [], [], set()
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if (node.op_type != "BatchNormalization" or rank.get(node.input[0]) != 4
@@ -81,21 +81,24 @@ def batchnorm_as_depthwise_conv(model) -> int:
         scale = gamma / np.sqrt(var + attrs.get("epsilon", 1e-5))
         bias = beta - mean * scale
         channels = len(scale)
-        weight_name, bias_name = f"{node.name}.dw_weight", f"{node.name}.dw_bias"
+        # node names may be empty or repeated: number the new initializers instead
+        prefix = f"bn_as_dw_conv_{len(replaced)}"
         graph.initializer.extend([
-            numpy_helper.from_array(scale.reshape(channels, 1, 1, 1).astype(np.float32), weight_name),
-            numpy_helper.from_array(bias.astype(np.float32), bias_name)])
-        nodes.append(helper.make_node("Conv", [node.input[0], weight_name, bias_name],
-                                      list(node.output), name=f"{node.name}.dw", group=channels,
-                                      kernel_shape=[1, 1]))
-        rewritten += 1
+            numpy_helper.from_array(scale.reshape(channels, 1, 1, 1).astype(np.float32),
+                                    f"{prefix}.weight"),
+            numpy_helper.from_array(bias.astype(np.float32), f"{prefix}.bias")])
+        nodes.append(helper.make_node(
+            "Conv", [node.input[0], f"{prefix}.weight", f"{prefix}.bias"], list(node.output),
+            name=f"{node.name or prefix}.dw", group=channels, kernel_shape=[1, 1]))
+        replaced.append(node.output[0])
+        unused.update(node.input[1:5])
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]
+    unused -= {name for node in graph.node for name in node.input}  # shared with another node
+    kept = [t for t in graph.initializer if t.name not in unused]
     del graph.initializer[:]
-    graph.initializer.extend(kept)  # the norms' gamma, beta, mean and var
-    return rewritten
+    graph.initializer.extend(kept)  # without the rewritten norms' gamma, beta, mean and var
+    return len(replaced)
 
 
 def concat_groups(model) -> list[list[str]]:
