@@ -112,9 +112,10 @@ def retain_heap(megabytes: int) -> bool:
     time, VGG16 88-120k and 210-373 ms.
     This sets ``M_MMAP_MAX`` to 0 (blocks come from the heap, whatever their size) and
     ``M_TRIM_THRESHOLD`` to ``megabytes`` (free heap kept before glibc trims it): both
-    models then run at 0 faults once the heap has settled (a few batches). The price: the worker keeps its peak heap resident (it reaches
-    that peak anyway on every batch). The same problem is why PyTorch's CPU performance guide
-    suggests preloading jemalloc or tcmalloc; this needs no extra library.
+    models then run at 0 faults once the heap has settled (a few batches). The price: the
+    worker keeps its peak heap resident (it reaches that peak anyway on every batch). The same
+    problem is why PyTorch's CPU performance guide suggests preloading jemalloc or tcmalloc;
+    this needs no extra library.
 
     Only main-thread allocations are affected (glibc's other arenas fall back to ``mmap`` for
     blocks larger than their 64 MiB heaps); PyTorch allocates operator outputs in the calling
