@@ -97,6 +97,56 @@ def _compiled_runner(model: torch.nn.Module, example: torch.Tensor) -> Runner:
     return run
 
 
+# Back-ends a worker on a CUDA device may use: the ONNX Runtime graphs here are CPU graphs
+# (int8 QDQ, ORT's CPU kernels), so on a GPU the choice is among the torch ones.
+TORCH_BACKENDS = ("eager", "bf16")
+
+
+def measure_throughput(run: Runner, example: torch.Tensor, *, min_runs: int = 5,
+                       min_seconds: float = 1.0) -> float:
+    """Images per second of ``run`` on ``example``: the median of timed runs.
+
+    Two untimed runs first (first-call allocations, oneDNN/cuDNN kernel choice), then at least
+    ``min_runs`` runs and ``min_seconds`` of them. CUDA work is synchronized per run.
+
+    Args:
+        run: a ``make_runner`` function.
+        example: float32 [B, 3, H, W] on the runner's device, channels_last; B is the served
+            batch size.
+
+    Returns:
+        ``B / median seconds per run``, images/s.
+    """
+    import time
+
+    def once() -> float:
+        start = time.perf_counter()
+        run(example)
+        if example.is_cuda:
+            torch.cuda.synchronize(example.device)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        once(), once()
+        times, begin = [], time.perf_counter()
+        while len(times) < min_runs or time.perf_counter() - begin < min_seconds:
+            times.append(once())
+    times.sort()
+    return example.shape[0] / times[len(times) // 2]
+
+
+def fastest(runners: dict[str, Runner], example: torch.Tensor, **kwargs
+            ) -> tuple[str, dict[str, float]]:
+    """Times each runner with ``measure_throughput`` (one after the other, same input).
+
+    Returns:
+        (the name with the most images/s, ``{name: images/s}`` rounded to 0.1).
+    """
+    figures = {name: round(measure_throughput(run, example, **kwargs), 1)
+               for name, run in runners.items()}
+    return max(figures, key=figures.get), figures
+
+
 # glibc mallopt(3) parameters, from <malloc.h>.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 

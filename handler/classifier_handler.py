@@ -30,7 +30,7 @@ from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from backends import BACKENDS, ONNX_FILES, make_runner, retain_heap
+from backends import BACKENDS, ONNX_FILES, TORCH_BACKENDS, fastest, make_runner, retain_heap
 from models import load_trained
 from payload import Batch, InternalError, parse_request, parse_topk
 from postprocessing import topk_records
@@ -39,7 +39,7 @@ from preprocessing import ClientError, EvalTransform
 logger = logging.getLogger(__name__)
 
 class ImageClassifierHandler(BaseHandler):
-    """Batched top-k image classification for a torchvision model trained by ``training/``.
+    """Batched top-k image classification for a torchvision or timm model trained by ``training/``.
 
     Handler settings come from the ``handler:`` section of ``model-config.yaml``:
         preprocessing: ``EvalTransform`` settings (crop_size, resize_size, mean, std,
@@ -49,7 +49,11 @@ class ImageClassifierHandler(BaseHandler):
             CPUs divided by ``maxWorkers`` (at least 1), so that workers don't oversubscribe
             the cores.
         backend: one of ``backends.BACKENDS`` (default ``eager``); ONNX Runtime back-ends read
-            the archive's ``model.onnx`` / ``model.int8.onnx``.
+            the archive's ``model.onnx`` / ``model.int8.onnx``. ``training.archive --backend
+            auto`` writes the fastest on the archiving CPU (``backend_selection`` says why).
+        gpu_backends: torch back-ends that passed the archive's accuracy gate (written by
+            ``--backend auto``). On a CUDA worker of such an archive the CPU choice does not
+            apply: the worker times these on its GPU at load and serves the fastest.
         retain_heap_mb: free CPU heap (MiB) the worker keeps for the next batch instead of
             unmapping it (``backends.retain_heap``). Default 1024; 0 leaves glibc's defaults.
 
@@ -114,8 +118,12 @@ class ImageClassifierHandler(BaseHandler):
         if len(self.labels) != exported["num_classes"]:
             raise ValueError(f"index_to_name.json has {len(self.labels)} labels, the model "
                              f"{exported['num_classes']} outputs")
+        gpu_backends = cfg.get("gpu_backends")
+        if gpu_backends is not None and not set(gpu_backends) <= set(TORCH_BACKENDS):
+            raise ValueError(f"handler.gpu_backends {gpu_backends} must be among {TORCH_BACKENDS}")
+        choose_on_gpu = self.device.type == "cuda" and bool(gpu_backends)
         model = None
-        if self.backend not in ONNX_FILES:
+        if self.backend not in ONNX_FILES or choose_on_gpu:
             model = load_trained(exported["arch"], exported["num_classes"], exported.get("head"),
                                  exported["state_dict"]).to(self.device,
                                                             memory_format=torch.channels_last)
@@ -123,6 +131,10 @@ class ImageClassifierHandler(BaseHandler):
         example = torch.zeros(max(int(props.get("batch_size") or 1), 1), 3, size, size,
                               device=self.device).contiguous(memory_format=torch.channels_last)
         start = time.perf_counter()
+        if choose_on_gpu:
+            self.backend, speed = self._fastest_on_gpu(model, gpu_backends, example)
+            logger.info("backend on %s: %s, the fastest of %s images/s at batch %d",
+                        self.device, self.backend, speed, example.shape[0])
         onnx = (os.path.join(model_dir, ONNX_FILES[self.backend])
                 if self.backend in ONNX_FILES else None)
         self.model = make_runner(self.backend, model, onnx_path=onnx, device=self.device,
@@ -136,6 +148,19 @@ class ImageClassifierHandler(BaseHandler):
                     "%d intra-op threads, %s", exported["arch"], len(self.labels), self.device,
                     self.backend, time.perf_counter() - start, self.default_topk,
                     torch.get_num_threads(), heap)
+
+    @staticmethod
+    def _fastest_on_gpu(model: torch.nn.Module, names: list[str], example: torch.Tensor
+                        ) -> tuple[str, dict[str, float]]:
+        """Times the torch back-ends ``names`` on the worker's device; returns the fastest and
+        the images/s of each (``backends.fastest``). ``model`` is left in fp32."""
+        import copy
+
+        runners = {name: make_runner(name, copy.deepcopy(model) if name != "eager" else model)
+                   for name in names}
+        chosen, speed = fastest(runners, example, min_runs=5, min_seconds=0.5)
+        del runners
+        return chosen, speed
 
     def _init_metrics(self, context) -> None:
         """Looks up (or, if the metrics config lacks them, creates) the handler's metrics."""

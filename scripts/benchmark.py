@@ -55,7 +55,7 @@ from training import archive  # noqa: E402
 from training.data import image_folder  # noqa: E402
 from training.predict import load_classifier  # noqa: E402
 
-DEFAULT_BACKEND = archive.get_args_parser().get_default("backend")
+DEFAULT_BACKEND = "onnxruntime-int8"  # the back-end the archive's auto choice picks on these CPUs
 STOCK = "stock"
 # The stock handler's model file: BaseHandler instantiates the one class defined in it with no
 # arguments and loads the state_dict; __new__ hands back torchvision's own model, whose

@@ -3,9 +3,9 @@
 #   DATA        ImageFolder root (train/ [val/] [test/]); empty: sklearn digits written to data/digits
 #   MODEL       model name (default: the data folder's name)
 #   TRAIN_ARGS  extra training flags (python -m training.train --help)
-#   ARCHIVE_ARGS archive flags (python -m training.archive --help); default --backend onnxruntime:
-#               fp32, so the accuracy measured over HTTP is the checkpoint's own (the archive's
-#               default int8 back-end may lose up to 1 point; its gate reports how much)
+#   ARCHIVE_ARGS archive flags (python -m training.archive --help); default: none, i.e. the
+#               archive's default --backend auto (the fastest back-end on this CPU among those
+#               within 1 point of fp32 top-1; model-config.yaml says which and why)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -28,7 +28,7 @@ $PY -m training.train --data-dir "$DATA" --output-dir "$RUN" ${TRAIN_ARGS:-}
 train_s=$(( $(date +%s) - start ))
 echo "== 2/4 archive -> model_store/$MODEL.mar"
 # shellcheck disable=SC2086
-$PY -m training.archive --checkpoint "$RUN/checkpoint_best.pt" --model-name "$MODEL" ${ARCHIVE_ARGS:---backend onnxruntime}
+$PY -m training.archive --checkpoint "$RUN/checkpoint_best.pt" --model-name "$MODEL" ${ARCHIVE_ARGS:-}
 echo "== 3/4 start TorchServe"
 trap '$PY scripts/serve.py stop' EXIT
 $PY scripts/serve.py start --models "$MODEL=$MODEL.mar"

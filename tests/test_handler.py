@@ -192,6 +192,28 @@ def test_unknown_backend_in_model_config_fails_fast(tmp_path, three_class_checkp
         ImageClassifierHandler().initialize(_context(model_dir, cfg))
 
 
+def test_gpu_backends_must_be_torch_backends(tmp_path, three_class_checkpoint):
+    from classifier_handler import ImageClassifierHandler
+    model_dir, cfg = _model_dir(tmp_path, three_class_checkpoint)
+    cfg["handler"]["gpu_backends"] = ["eager", "onnxruntime-int8"]  # a CPU graph
+    with pytest.raises(ValueError, match="gpu_backends"):
+        ImageClassifierHandler().initialize(_context(model_dir, cfg))
+
+
+def test_worker_times_its_gpu_candidates_and_keeps_the_model_fp32(three_class_checkpoint):
+    """What a CUDA worker does at load, run on the CPU: each candidate is timed, the fastest
+    named, and the fp32 model the eager runner uses is not cast by the bf16 candidate."""
+    from classifier_handler import ImageClassifierHandler
+    from training.predict import load_classifier
+
+    model, _, _ = load_classifier(three_class_checkpoint, torch.device("cpu"))
+    example = torch.zeros(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    chosen, speed = ImageClassifierHandler._fastest_on_gpu(model, ["eager", "bf16"], example)
+    assert set(speed) == {"eager", "bf16"} and all(v > 0 for v in speed.values())
+    assert chosen == max(speed, key=speed.get)
+    assert next(model.parameters()).dtype == torch.float32
+
+
 @pytest.mark.parametrize("max_workers", [1, 2])
 def test_threads_default_to_the_cpus_shared_by_the_workers(tmp_path, three_class_checkpoint, max_workers):
     import os

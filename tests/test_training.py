@@ -111,19 +111,68 @@ def test_archive_has_config_and_labels_from_checkpoint(trained, tmp_path):
     assert cfg["deviceType"] == "gpu" and cfg["deviceIds"] == [0]
     assert cfg["handler"]["topk"] == 3 and cfg["handler"]["preprocessing"]["crop_size"] == 32
     assert exported["head"] == {"hidden_units": 32, "dropout": 0.1}
-    # default back-end: int8 ONNX Runtime, calibrated on the run's own data (no val/: train/)
+    # default back-end: measured on this CPU among those passing the accuracy gate, on the
+    # run's own labelled photos (no val/: train/)
+    handler = cfg["handler"]
+    chosen, selection = handler["backend"], handler["backend_selection"]
+    speed, accuracy = selection["images_per_s"], selection["accuracy"]
+    assert set(speed) == set(accuracy) == {"eager", "bf16", "onnxruntime", "onnxruntime-int8"}
+    assert chosen == max(speed, key=speed.get) and chosen in selection["reason"]
+    assert all(accuracy["eager"] - accuracy[n] <= 1.0 for n in speed)
+    assert selection["check_dir"].endswith("train") and selection["batch_size"] == 16
+    assert selection["threads"] >= 1 and isinstance(selection["cpu_flags"], list)
+    assert set(handler["gpu_backends"]) <= {"eager", "bf16"} and "eager" in handler["gpu_backends"]
+    onnx_files = {n for n in names if n.endswith(".onnx")}  # only the file the choice reads
+    assert onnx_files == ({"onnxruntime": {"model.onnx"}, "onnxruntime-int8": {"model.int8.onnx"}}
+                          .get(chosen, set()))
+
+
+def test_int8_archive_records_its_gate(trained, tmp_path):
+    out, _ = trained
+    mar = archive.main(archive.get_args_parser().parse_args([
+        "--checkpoint", str(out / "checkpoint_best.pt"), "--model-name", "digits",
+        "--export-path", str(tmp_path), "--backend", "onnxruntime-int8"]))
+    with zipfile.ZipFile(mar) as z:
+        cfg = yaml.safe_load(z.read("model-config.yaml"))
+        assert "model.int8.onnx" in z.namelist()
     gate = cfg["handler"]["quantization"]
-    assert cfg["handler"]["backend"] == "onnxruntime-int8" and "model.int8.onnx" in names
+    assert cfg["handler"]["backend"] == "onnxruntime-int8"
     assert gate["calibration_dir"].endswith("train") and gate["calibration_images"] == 64
     assert gate["check_images"] == 400
     assert gate["fp32_accuracy"] - gate["int8_accuracy"] <= 1.0 and gate["top1_agreement"] > 90
+
+
+def test_auto_backend_keeps_fp32_when_the_gate_refuses_the_others(trained, tmp_path):
+    out, _ = trained
+    mar = archive.main(archive.get_args_parser().parse_args([
+        "--checkpoint", str(out / "checkpoint_best.pt"), "--model-name", "digits",
+        "--export-path", str(tmp_path), "--check-images", "60", "--max-accuracy-drop", "-100",
+        "--auto-candidates", "eager", "onnxruntime-int8"]))
+    cfg = yaml.safe_load(zipfile.ZipFile(mar).read("model-config.yaml"))["handler"]
+    assert cfg["backend"] == "eager"  # the fp32 reference is never refused
+    assert set(cfg["backend_selection"]["rejected"]) == {"onnxruntime-int8"}
+    assert cfg["gpu_backends"] == ["eager"]
+
+
+def test_auto_backend_without_labelled_photos_times_fp32_backends_only(trained, tmp_path):
+    out, _ = trained
+    ckpt = torch.load(out / "checkpoint_best.pt", weights_only=True)
+    ckpt["args"]["data_dir"] = str(tmp_path / "moved")
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    mar = archive.main(archive.get_args_parser().parse_args([
+        "--checkpoint", str(tmp_path / "ckpt.pt"), "--model-name", "digits",
+        "--export-path", str(tmp_path)]))
+    selection = yaml.safe_load(zipfile.ZipFile(mar).read("model-config.yaml"))["handler"][
+        "backend_selection"]
+    assert set(selection["images_per_s"]) == {"eager", "onnxruntime"} and not selection["accuracy"]
 
 
 def test_int8_accuracy_gate_refuses_to_build(trained, tmp_path):
     out, _ = trained
     args = archive.get_args_parser().parse_args([
         "--checkpoint", str(out / "checkpoint_best.pt"), "--model-name", "digits",
-        "--export-path", str(tmp_path), "--check-images", "50", "--max-accuracy-drop", "-100"])
+        "--export-path", str(tmp_path), "--check-images", "50", "--max-accuracy-drop", "-100",
+        "--backend", "onnxruntime-int8"])
     with pytest.raises(ValueError, match="int8 loses .* --backend onnxruntime or eager"):
         archive.main(args)
     assert not list(tmp_path.glob("*.mar"))
@@ -135,14 +184,15 @@ def test_int8_needs_labelled_calibration_images(trained, tmp_path):
     ckpt["args"]["data_dir"] = str(tmp_path / "moved")
     torch.save(ckpt, tmp_path / "ckpt.pt")
     args = archive.get_args_parser().parse_args([
-        "--checkpoint", str(tmp_path / "ckpt.pt"), "--model-name", "digits", "--export-path", str(tmp_path)])
+        "--checkpoint", str(tmp_path / "ckpt.pt"), "--model-name", "digits", "--export-path", str(tmp_path),
+        "--backend", "onnxruntime-int8"])
     with pytest.raises(FileNotFoundError, match="--calibration-dir"):
         archive.main(args)
 
 
 @pytest.mark.e2e
 def test_served_int8_archive_answers_like_the_int8_model(trained, digits, tmp_path):
-    """The default (int8) archive in a real TorchServe: same top-1 as ONNX Runtime in-process."""
+    """An int8 archive in a real TorchServe: same top-1 as ONNX Runtime in-process."""
     from conftest import running_server
     from scripts.classify import list_images
     from training.export import onnx_predictions
@@ -151,7 +201,8 @@ def test_served_int8_archive_answers_like_the_int8_model(trained, digits, tmp_pa
     store = tmp_path / "store"
     mar = archive.main(archive.get_args_parser().parse_args([
         "--checkpoint", str(out / "checkpoint_best.pt"), "--model-name", "digits8",
-        "--export-path", str(store), "--batch-size", "8", "--num-threads", "1"]))
+        "--export-path", str(store), "--batch-size", "8", "--num-threads", "1",
+        "--backend", "onnxruntime-int8"]))
     zipfile.ZipFile(mar).extract("model.int8.onnx", tmp_path)
     _, classes, tf = predict.load_classifier(out / "checkpoint_best.pt", torch.device("cpu"))
     files = [p for p, _ in list_images(digits / "test")][::12]
@@ -182,3 +233,40 @@ def test_build_model_rejects_unknown_names():
         build_model("densenet122", 3)
     with pytest.raises(ValueError, match="unknown weights"):
         build_model("densenet121", 3, weights="IMAGENET9K")
+
+
+def test_fast_path_head_scores_the_same_inside_the_full_model(digits, tmp_path):
+    """--head-from-features: the head fitted on cached features, put back into the network,
+    must give the val accuracy the fit reported; then --epochs fine-tunes from it."""
+    from torch.utils.data import DataLoader
+
+    from training.data import image_folder
+    from training.predict import load_classifier
+
+    common = ["--data-dir", str(digits), "--arch", "tf_efficientnet_lite0", "--weights", "package",
+              "--head-from-features", "--image-size", "32", "--no-feature-flips", "--workers", "0",
+              "--feature-cache", str(tmp_path / "cache"), "--head-cs", "0.01", "1.0"]
+    out = tmp_path / "head"
+    metrics = train.main(train.get_args_parser().parse_args([*common, "--output-dir", str(out)]))
+    table = json.loads((out / "head_fit.json").read_text())
+    chosen = next(row for row in table if row.get("chosen"))
+    assert [row["C"] for row in table] == [0.01, 1.0] and metrics["epoch"] == 0
+    assert metrics["best_val_accuracy"] == chosen["val_accuracy"] > 0.5
+    assert (out / "head_fit.png").stat().st_size > 0 and "test_accuracy" in metrics
+
+    model, _, tf = load_classifier(out / "checkpoint_best.pt", torch.device("cpu"))
+    assert tf.mean == (0.5, 0.5, 0.5) and tf.interpolation == "bicubic"  # from the weights
+    val = image_folder(digits / "val", tf, tf.resize_size)
+    correct = 0
+    with torch.inference_mode():
+        for x, y in DataLoader(val, batch_size=64):
+            correct += (model(x).argmax(1) == y).sum().item()
+    assert correct / len(val) == pytest.approx(chosen["val_accuracy"], abs=1.5 / len(val))
+
+    tuned = tmp_path / "tuned"
+    metrics = train.main(train.get_args_parser().parse_args([
+        *common, "--output-dir", str(tuned), "--epochs", "1", "--train-last", "2",
+        "--freeze-bn-stats", "--hflip-prob", "0"]))
+    history = json.loads((tuned / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1]
+    assert metrics["best_val_accuracy"] == max(chosen["val_accuracy"], history[0]["val_accuracy"])

@@ -8,17 +8,24 @@ The archive holds:
     TorchScript, which current torch deprecates);
   * ``index_to_name.json``: the label map, from the checkpoint's class names;
   * ``model.onnx`` (``--backend onnxruntime``) or ``model.int8.onnx`` (``--backend
-    onnxruntime-int8``, the default): the ONNX Runtime graph (``training/export.py``);
+    onnxruntime-int8``): the ONNX Runtime graph (``training/export.py``), when the back-end
+    reads one;
   * ``model-config.yaml``: workers, batching, timeouts, device, and the handler settings
     (preprocessing from the checkpoint, default top-k, threads per worker, back-end);
   * the handler and the modules it imports (``preprocessing.py``, ``postprocessing.py``,
     ``payload.py``, ``backends.py``, ``models.py``).
 
-int8 accuracy gate: the default back-end quantizes with ``--calibration-images`` training
-images and then compares int8 with fp32 top-1 accuracy on ``--check-images`` other labelled
-images of the same folder; a drop above ``--max-accuracy-drop`` points refuses to build (use
-``--backend onnxruntime`` or ``eager`` for that model). The figures go into
-``model-config.yaml`` (``handler.quantization``).
+The default ``--backend auto`` measures instead of assuming (``training/backend_choice.py``):
+every candidate back-end is held to the accuracy gate (top-1 on ``--check-images`` labelled
+photos that the ``--calibration-images`` int8 calibration photos do not include, at most
+``--max-accuracy-drop`` points below fp32), the survivors are timed on this CPU at the served
+batch size and threads, and the fastest is served; ``handler.backend_selection`` keeps the
+figures and the reason, ``handler.gpu_backends`` the torch back-ends a CUDA worker chooses
+among at load.
+
+An explicit ``--backend onnxruntime-int8`` applies the same gate and refuses to build when int8
+loses more than ``--max-accuracy-drop`` points (use ``--backend onnxruntime`` or ``eager`` for
+that model); the figures go into ``handler.quantization``.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import torch
 import yaml
 
 from handler.backends import BACKENDS, ONNX_FILES
+from training.backend_choice import AUTO_CANDIDATES, choose_backend, default_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "handler" / "classifier_handler.py"
@@ -73,8 +81,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device-type", choices=["cpu", "gpu"], default=None,
                    help="pin workers to cpu or gpu (default: TorchServe decides, GPU if present)")
     p.add_argument("--device-ids", type=int, nargs="*", default=None, help="GPU ids for gpu workers")
-    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime-int8",
-                   help="inference back-end (handler/backends.py)")
+    p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
+                   help="inference back-end (handler/backends.py); auto: the fastest of "
+                        "--auto-candidates on this CPU among those passing the accuracy gate")
+    p.add_argument("--auto-candidates", nargs="+", choices=BACKENDS, default=list(AUTO_CANDIDATES),
+                   help="back-ends --backend auto gates and times")
     p.add_argument("--calibration-dir", type=Path, default=None,
                    help="labelled ImageFolder for int8 calibration and the accuracy gate "
                         "(default: the checkpoint's data_dir/val, else data_dir/train)")
@@ -121,18 +132,21 @@ def calibration_dir(args, checkpoint: dict) -> Path:
         f"(an ImageFolder such as data/val), or choose --backend onnxruntime or eager")
 
 
-def export_int8(checkpoint: dict, onnx_fp32: Path, dest: Path, args) -> dict:
-    """Quantizes ``onnx_fp32`` into ``dest`` and applies the accuracy gate.
+def labelled_images(checkpoint: dict, args) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, Path]:
+    """Calibration and check images from ``calibration_dir``, preprocessed as served.
+
+    A seeded shuffle: the first ``--calibration-images`` calibrate, the next
+    ``--check-images`` (never the same photos) are scored by the accuracy gate.
 
     Returns:
-        The gate's figures (written to ``handler.quantization``): accuracies in percent.
+        (calibration float32 [M, 3, H, W], check float32 [N, 3, H, W], check labels int64 [N],
+        the folder).
 
     Raises:
-        ValueError: too few images, class folders differing from the model's, or an int8
-            accuracy drop above ``--max-accuracy-drop``.
+        FileNotFoundError: no labelled folder (see ``calibration_dir``).
+        ValueError: too few images, or class folders differing from the model's.
     """
     from training.data import image_folder
-    from training.export import onnx_predictions, quantize_int8
     from handler.preprocessing import EvalTransform
 
     transform = EvalTransform.from_dict(checkpoint["preprocessing"])
@@ -146,12 +160,29 @@ def export_int8(checkpoint: dict, onnx_fp32: Path, dest: Path, args) -> dict:
     if n_cal < 1 or not check_idx:
         raise ValueError(f"{folder.root} has too few images for calibration and a check")
     calibration = torch.stack([folder[i][0] for i in cal_idx])
-    quantize_int8(onnx_fp32, dest, calibration)
     check = torch.stack([folder[i][0] for i in check_idx])
     labels = np.array([folder.targets[i] for i in check_idx])
+    return calibration, check, labels, Path(folder.root)
+
+
+def export_int8(checkpoint: dict, onnx_fp32: Path, dest: Path, args) -> dict:
+    """Quantizes ``onnx_fp32`` into ``dest`` and applies the accuracy gate.
+
+    Returns:
+        The gate's figures (written to ``handler.quantization``): accuracies in percent.
+
+    Raises:
+        ValueError: too few images, class folders differing from the model's, or an int8
+            accuracy drop above ``--max-accuracy-drop``.
+    """
+    from training.export import onnx_predictions, quantize_int8
+
+    calibration, check, labels, root = labelled_images(checkpoint, args)
+    n_cal = len(calibration)
+    quantize_int8(onnx_fp32, dest, calibration)
     fp32, int8 = onnx_predictions(onnx_fp32, check), onnx_predictions(dest, check)
-    gate = {"calibration_dir": str(folder.root), "calibration_images": n_cal,
-            "check_images": len(check_idx),
+    gate = {"calibration_dir": str(root), "calibration_images": n_cal,
+            "check_images": len(labels),
             "fp32_accuracy": round(100 * float((fp32 == labels).mean()), 2),
             "int8_accuracy": round(100 * float((int8 == labels).mean()), 2),
             "top1_agreement": round(100 * float((fp32 == int8).mean()), 2)}
@@ -163,8 +194,12 @@ def export_int8(checkpoint: dict, onnx_fp32: Path, dest: Path, args) -> dict:
     return gate
 
 
-def export_files(checkpoint: dict, dest: Path, args) -> dict[str, Path]:
-    """Writes ``model.pt``, ``index_to_name.json`` and ``model-config.yaml`` into ``dest``.
+def export_files(checkpoint: dict, dest: Path, args) -> dict:
+    """Writes ``model.pt``, ``index_to_name.json``, ``model-config.yaml`` and the ONNX file the
+    back-end reads (if any) into ``dest``.
+
+    Returns:
+        ``{"model", "labels", "config"[, "onnx"]}``: paths; ``"backend"``: the served back-end.
 
     Raises:
         KeyError: the checkpoint lacks a field training writes.
@@ -177,7 +212,30 @@ def export_files(checkpoint: dict, dest: Path, args) -> dict[str, Path]:
     files["labels"].write_text(json.dumps(
         {str(i): name for i, name in enumerate(checkpoint["class_names"])}, indent=2))
     config = model_config(args, checkpoint["preprocessing"])
-    if args.backend in ONNX_FILES:
+    if args.backend == "auto":
+        from training.models import load_trained
+
+        model = load_trained(checkpoint["arch"], checkpoint["num_classes"], checkpoint.get("head"),
+                             checkpoint["model"])
+        try:
+            calibration, check, labels, root = labelled_images(checkpoint, args)
+            labelled = (calibration, check, labels)
+        except FileNotFoundError as exc:
+            logger.warning("backend auto without an accuracy gate: %s", exc)
+            labelled, root = None, None
+        selection = choose_backend(
+            model, checkpoint["preprocessing"]["crop_size"], dest, labelled=labelled,
+            candidates=tuple(args.auto_candidates), batch_size=args.batch_size,
+            threads=default_threads(args.num_threads, args.max_workers),
+            max_accuracy_drop=args.max_accuracy_drop)
+        if root is not None:
+            selection["check_dir"] = str(root)
+        config["handler"]["backend"] = backend = selection.pop("backend")
+        config["handler"]["gpu_backends"] = selection.pop("gpu_backends")
+        config["handler"]["backend_selection"] = selection
+        if backend in ONNX_FILES:
+            files["onnx"] = dest / ONNX_FILES[backend]
+    elif args.backend in ONNX_FILES:
         from training.export import export_onnx
         from training.models import load_trained
 
@@ -193,6 +251,7 @@ def export_files(checkpoint: dict, dest: Path, args) -> dict[str, Path]:
             fp32.unlink()
     with open(files["config"], "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
+    files["backend"] = config["handler"]["backend"]
     return files
 
 
@@ -220,7 +279,7 @@ def main(args) -> Path:
                         "--export-path", tmp, "--force"], check=True)
         shutil.move(Path(tmp) / f"{args.model_name}.mar", mar)
     logger.info("wrote %s (version %s, %s, %s, %d classes, val accuracy %s)", mar, args.version,
-                checkpoint["arch"], args.backend, checkpoint["num_classes"],
+                checkpoint["arch"], files["backend"], checkpoint["num_classes"],
                 checkpoint.get("metrics", {}).get("best_val_accuracy"))
     return mar
 

@@ -52,7 +52,9 @@ def make_datasets(data_dir: Path, train_transform: Callable, eval_transform: Eva
         ValueError: val/test folders name classes that differ from train's.
     """
     draft = eval_transform.resize_size
-    train = image_folder(data_dir / "train", train_transform)
+    # the fast path extracts train features with the eval transform: decode as the server does
+    train_draft = draft if isinstance(train_transform, EvalTransform) else None
+    train = image_folder(data_dir / "train", train_transform, train_draft)
     classes = train.classes
     if (data_dir / "val").is_dir():
         val = image_folder(data_dir / "val", eval_transform, draft)

@@ -19,13 +19,67 @@ logger = logging.getLogger(__name__)
 OPSET = 17
 
 
+def static_same_padding(model: torch.nn.Module, crop_size: int) -> int:
+    """Replaces timm's dynamic TF-"SAME" convolutions with static padding for one input size,
+    in place.
+
+    timm's ``tf_*`` models (EfficientNet-Lite) pad their stride-2 convolutions the way
+    TensorFlow does, asymmetrically, computed from the input's height and width on every call
+    (``timm.layers.Conv2dSame``). Traced to ONNX this is a chain of Shape, Gather, Ceil, Sub,
+    Div, Max and Pad nodes per conv, which the quantizer leaves in fp32 between Dequantize and
+    Quantize nodes. The served input size is fixed (the crop size), so the padding is a
+    constant: each such conv becomes ``ZeroPad2d(pads) -> Conv2d(padding=0)`` sharing its
+    weights, with ``pads`` from timm's own ``pad_same_arg``. The output is unchanged at that
+    size (tested); ONNX Runtime then folds the Pad into the Conv.
+
+    Returns:
+        The number of convolutions replaced (5 in tf_efficientnet_lite0; 0 for models
+        without ``Conv2dSame``).
+    """
+    try:
+        from timm.layers.conv2d_same import Conv2dSame
+        from timm.layers.padding import pad_same_arg
+    except ImportError:  # no timm: no timm modules in the model either
+        return 0
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str):
+        def hook(_, args) -> None:  # returns None: the input is left as it is
+            sizes[name] = tuple(args[0].shape[-2:])
+        return hook
+
+    hooks = [module.register_forward_pre_hook(record(name))
+             for name, module in model.named_modules() if isinstance(module, Conv2dSame)]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, crop_size, crop_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, (height, width) in sizes.items():
+        conv = model.get_submodule(name)
+        plain = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                                conv.stride, 0, conv.dilation, conv.groups, conv.bias is not None)
+        plain.weight, plain.bias = conv.weight, conv.bias
+        pads = pad_same_arg([height, width], list(conv.kernel_size), list(conv.stride),
+                            list(conv.dilation))  # [left, right, top, bottom]
+        model.set_submodule(name, torch.nn.Sequential(torch.nn.ZeroPad2d(pads), plain))
+    return len(sizes)
+
+
 def export_onnx(model: torch.nn.Module, crop_size: int, path: Path) -> Path:
     """Exports ``model`` (fp32, eval) to ONNX with a dynamic batch dimension.
 
     Input ``images`` float32 [N, 3, crop_size, crop_size]; output ``logits`` float32 [N, C].
     Uses the TorchScript-based exporter (``dynamo=False``): one trace, no extra packages.
+    TF-"SAME" convolutions are given static padding for ``crop_size`` first
+    (``static_same_padding``); the model is changed in place.
     """
     model = model.eval().to("cpu", memory_format=torch.contiguous_format)
+    replaced = static_same_padding(model, crop_size)
+    if replaced:
+        logger.info("onnx: %d TF-SAME convolutions padded statically for %d px", replaced,
+                    crop_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation notice
         torch.onnx.export(model, (torch.zeros(1, 3, crop_size, crop_size),), str(path),

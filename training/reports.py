@@ -31,6 +31,25 @@ def plot_learning_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_head_fit(table: list[dict], path: Path) -> None:
+    """Train and val accuracy of the feature head against its inverse L2 strength ``C``
+    (log scale), the chosen ``C`` marked, as a PNG."""
+    cs = [row["C"] for row in table]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for split in ("train", "val"):
+        ax.plot(cs, [row[f"{split}_accuracy"] for row in table], marker="o", label=split)
+    chosen = next(row for row in table if row.get("chosen"))
+    ax.axvline(chosen["C"], color="gray", linestyle="--",
+               label=f"chosen C={chosen['C']:g} (val {chosen['val_accuracy']:.3f})")
+    ax.set(xscale="log", xlabel="C (inverse L2 strength)", ylabel="top-1 accuracy",
+           title="Linear head on frozen features")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_test_report(targets: torch.Tensor, probs: torch.Tensor, classes: Sequence[str],
                       out: Path) -> dict:
     """Writes ``test_report.json``, ``classification_report.txt`` and ``confusion_matrix.png``.

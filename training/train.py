@@ -1,6 +1,13 @@
-"""Fine-tune a torchvision classifier on an ImageFolder (train/ [val/] [test/]).
+"""Fine-tune a torchvision or timm classifier on an ImageFolder (train/ [val/] [test/]).
 
     python -m training.train --data-dir DATA --output-dir runs/NAME [--arch densenet121] ...
+    python -m training.train --data-dir DATA --output-dir runs/NAME \
+        --arch tf_efficientnet_lite0 --weights package --head-from-features   # the fast path
+
+With ``--head-from-features`` the new head is first fitted on frozen-backbone features
+(``training/features.py``: computed once per photo and cached, flipped copies as extra rows,
+logistic regression with its L2 strength chosen on val), then the whole network is optionally
+fine-tuned for ``--epochs`` (backbone at ``--lr * --backbone-lr-scale``).
 
 Writes to ``--output-dir``: ``args.yaml``, ``checkpoint_best.pt`` (by val accuracy),
 ``checkpoint_last.pt``, ``history.csv``/``history.json``, ``learning_curves.png`` and, when
@@ -27,9 +34,12 @@ from tqdm import tqdm
 
 from handler.preprocessing import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from training.data import make_datasets
-from training.models import build_model
+from training.features import (DEFAULT_CS, cached_features, fit_linear_head, refit_linear_head,
+                               weights_digest)
+from training.models import (build_model, canonical_arch, freeze_batchnorm_stats,
+                             pretrained_preprocessing, set_head, train_last)
 from training.presets import ClassificationPresetTrain
-from training.reports import plot_learning_curves, write_test_report
+from training.reports import plot_head_fit, plot_learning_curves, write_test_report
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +52,42 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="ImageFolder root with train/ and optional val/, test/")
     p.add_argument("--output-dir", type=Path, default=Path("runs/latest"), help="where outputs go")
     p.add_argument("--arch", default="densenet121",
-                   help="torchvision classification model name (densenet121, vgg16, resnet50, ...)")
+                   help="torchvision name (densenet121, vgg16, resnet50, ...) or timm name "
+                        "(tf_efficientnet_lite0, ...; timm/NAME for names both zoos have)")
     p.add_argument("--weights", default="none",
-                   help="none, a torchvision weights name (DEFAULT, IMAGENET1K_V1) or a local state_dict file")
+                   help="none; package (ImageNet weights from an installed package: "
+                        "tf_efficientnet_lite0/1/2); DEFAULT or a torchvision weights name "
+                        "(IMAGENET1K_V1; from $TORCH_HOME/hub/checkpoints or downloaded); "
+                        "or a local state_dict file")
     p.add_argument("--hidden-units", type=int, default=None,
                    help="hidden layer width of the new head (default: linear head)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout in the new head")
     p.add_argument("--freeze-backbone", action="store_true", help="train only the new head")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--head-from-features", action="store_true",
+                   help="fit a linear head on cached frozen-backbone features first "
+                        "(logistic regression, L2 chosen on val); then --epochs of fine-tuning")
+    p.add_argument("--feature-flips", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --head-from-features: flipped copies of the photos as extra rows")
+    p.add_argument("--feature-cache", type=Path, default=Path("runs/.feature-cache"),
+                   help="folder of cached features (keyed by weights, preprocessing, files)")
+    p.add_argument("--head-cs", type=float, nargs="+", default=list(DEFAULT_CS),
+                   help="inverse L2 strengths tried for the head; best on val wins")
+    p.add_argument("--refit-on-train-val", action="store_true",
+                   help="with --head-from-features: once C is chosen on val, fit the head "
+                        "again on train + val")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (default 10; with --head-from-features, "
+                        "fine-tuning epochs after the head fit, default 0)")
+    p.add_argument("--train-last", type=int, default=None,
+                   help="train the head and only the last N stages of the backbone "
+                        "(models.stages; frozen batch norms keep their statistics); "
+                        "default: all")
+    p.add_argument("--freeze-bn-stats", action="store_true",
+                   help="batch norms normalize with their (pretrained) running statistics while "
+                        "training, and keep them; their scale and shift still train")
+    p.add_argument("--backbone-lr-scale", type=float, default=1.0,
+                   help="backbone learning rate = --lr times this (e.g. 0.1 when fine-tuning "
+                        "a pretrained backbone)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--opt", choices=["sgd", "adam", "adamw"], default="adamw")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -60,12 +98,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--lr-gamma", type=float, default=0.1, help="step decay factor")
     p.add_argument("--lr-warmup-epochs", type=int, default=0, help="linear warm-up epochs")
     p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--image-size", type=int, default=224, help="crop size fed to the model, px")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="crop size fed to the model, px (default: the pretrained weights' "
+                        "input size, else 224)")
     p.add_argument("--resize-size", type=int, default=None,
-                   help="eval resize of the shorter side, px (default: image-size / 0.875)")
-    p.add_argument("--interpolation", choices=["bilinear", "bicubic"], default="bilinear")
-    p.add_argument("--mean", type=float, nargs=3, default=list(IMAGENET_MEAN))
-    p.add_argument("--std", type=float, nargs=3, default=list(IMAGENET_STD))
+                   help="eval resize of the shorter side, px (default: the weights' crop "
+                        "fraction, else image-size / 0.875)")
+    p.add_argument("--interpolation", choices=["bilinear", "bicubic"], default=None,
+                   help="default: the weights', else bilinear")
+    p.add_argument("--mean", type=float, nargs=3, default=None,
+                   help="default: the weights', else ImageNet's")
+    p.add_argument("--std", type=float, nargs=3, default=None,
+                   help="default: the weights', else ImageNet's")
+    p.add_argument("--min-crop-scale", type=float, default=0.25,
+                   help="smallest area fraction of RandomResizedCrop in training")
+    p.add_argument("--hflip-prob", type=float, default=0.5,
+                   help="probability of a horizontal flip in training (0 for digits, text)")
     p.add_argument("--auto-augment", choices=["none", "ta_wide"], default="none",
                    help="extra train augmentation (TrivialAugmentWide)")
     p.add_argument("--val-fraction", type=float, default=0.25,
@@ -79,9 +127,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer,
-                    device: torch.device, desc: str) -> dict:
-    """One pass over ``loader``. Returns ``{"loss", "accuracy"}`` (means over images)."""
+                    device: torch.device, desc: str, *, freeze_bn_stats: bool = False) -> dict:
+    """One pass over ``loader``. Returns ``{"loss", "accuracy"}`` (means over images).
+
+    Batch norms of frozen stages always keep their statistics; with ``freeze_bn_stats`` all
+    of them do (``models.freeze_batchnorm_stats``).
+    """
     model.train()
+    freeze_batchnorm_stats(model, all_norms=freeze_bn_stats)
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, leave=False, unit="batch")
     for images, targets in bar:
@@ -160,6 +213,64 @@ def _plain_args(args) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
+def eval_transform(args) -> EvalTransform:
+    """The eval preprocessing: command-line values, else the pretrained weights' config
+    (``models.pretrained_preprocessing``), else 224 px crop of a 256 px resize, bilinear,
+    ImageNet mean/std."""
+    cfg = pretrained_preprocessing(args.arch, args.weights) or {}
+    crop = args.image_size or cfg.get("crop_size", 224)
+    if args.resize_size:
+        resize = args.resize_size
+    elif args.image_size or "resize_size" not in cfg:
+        resize = round(crop / 0.875) if not cfg else round(crop * cfg["resize_size"] / cfg["crop_size"])
+    else:
+        resize = cfg["resize_size"]
+    return EvalTransform(crop_size=crop, resize_size=resize,
+                         mean=args.mean or cfg.get("mean", IMAGENET_MEAN),
+                         std=args.std or cfg.get("std", IMAGENET_STD),
+                         interpolation=args.interpolation or cfg.get("interpolation", "bilinear"))
+
+
+def fit_head_from_features(args, model: nn.Module, eval_tf: EvalTransform,
+                           device: torch.device) -> tuple[list[dict], dict]:
+    """The fast path: fits the linear head on cached frozen-backbone features, in place.
+
+    Returns:
+        (the head-fit table, one row per C; ``{"val": probs float32 [N, C], "targets"}``
+        of the chosen head on val, and the same for test when there is a test/ folder).
+    """
+    if args.hidden_units:
+        raise ValueError("--head-from-features fits a linear head: drop --hidden-units")
+    train_ds, val_ds, test_ds, _ = make_datasets(args.data_dir, eval_tf, eval_tf,
+                                                 val_fraction=args.val_fraction, seed=args.seed)
+    head = set_head(model, nn.Identity())
+    linear = head[-1] if isinstance(head, nn.Sequential) else head  # (Dropout, Linear)
+    model.eval()
+    kw = dict(preprocessing=eval_tf.to_dict(), cache_dir=args.feature_cache,
+              weights=weights_digest(model), batch_size=args.batch_size, workers=args.workers,
+              device=device)
+    train = cached_features(model, train_ds, flip=args.feature_flips, desc="train features", **kw)
+    val = cached_features(model, val_ds, flip=args.feature_flips and args.refit_on_train_val,
+                          desc="val features", **kw)
+    test = (cached_features(model, test_ds, flip=False, desc="test features", **kw)
+            if test_ds is not None else None)
+    set_head(model, head)
+    fitted, table = fit_linear_head(train, val, cs=args.head_cs, seed=args.seed)
+    chosen = next(row for row in table if row.get("chosen"))
+    if args.refit_on_train_val:
+        fitted = refit_linear_head([train, val], chosen["C"], seed=args.seed)
+        logger.info("head refitted on train + val with C=%g", chosen["C"])
+    linear.load_state_dict(fitted.state_dict())
+    scored = {}
+    for name, split in (("val", val), ("test", test)):
+        if split is not None:
+            with torch.inference_mode():
+                logits = linear(torch.from_numpy(split.features).to(device))
+            scored[name] = {"probs": logits.float().softmax(1).cpu(),
+                            "targets": torch.from_numpy(split.labels)}
+    return table, scored
+
+
 def main(args) -> dict:
     """Trains, keeps the best checkpoint by val accuracy, evaluates it on test/.
 
@@ -172,16 +283,20 @@ def main(args) -> dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
     device = resolve_device(args.device)
+    args.arch = canonical_arch(args.arch)
+    if args.epochs is None:
+        args.epochs = 0 if args.head_from_features else 10
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    eval_tf = eval_transform(args)
+    logger.info("%s, weights %s, preprocessing %s", args.arch, args.weights, eval_tf.to_dict())
     with open(out / "args.yaml", "w") as f:
         yaml.safe_dump(_plain_args(args), f, sort_keys=False)
 
-    eval_tf = EvalTransform(crop_size=args.image_size,
-                            resize_size=args.resize_size or round(args.image_size / 0.875),
-                            mean=args.mean, std=args.std, interpolation=args.interpolation)
-    train_tf = ClassificationPresetTrain(crop_size=args.image_size, mean=args.mean, std=args.std,
-                                         interpolation=args.interpolation,
+    train_tf = ClassificationPresetTrain(crop_size=eval_tf.crop_size, mean=eval_tf.mean,
+                                         std=eval_tf.std, interpolation=eval_tf.interpolation,
+                                         scale=(args.min_crop_scale, 1.0),
+                                         hflip_prob=args.hflip_prob,
                                          auto_augment=args.auto_augment)
     train_ds, val_ds, test_ds, classes = make_datasets(
         args.data_dir, train_tf, eval_tf, val_fraction=args.val_fraction, seed=args.seed)
@@ -190,17 +305,14 @@ def main(args) -> dict:
 
     loader_kw = dict(batch_size=args.batch_size, num_workers=args.workers,
                      pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    train_loader = DataLoader(train_ds, shuffle=True, drop_last=len(train_ds) > args.batch_size,
-                              generator=torch.Generator().manual_seed(args.seed), **loader_kw)
-    val_loader = DataLoader(val_ds, shuffle=False, **loader_kw)
-
     model = build_model(args.arch, len(classes), weights=args.weights,
                         hidden_units=args.hidden_units, dropout=args.dropout,
                         freeze_backbone=args.freeze_backbone)
+    if args.train_last is not None:
+        logger.info("training the head and the last %d stages: %s", args.train_last,
+                    train_last(model, args.train_last))
     model = model.to(device, memory_format=torch.channels_last)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    optimizer = make_optimizer(args, [p for p in model.parameters() if p.requires_grad])
-    scheduler = make_scheduler(args, optimizer)
 
     def checkpoint(epoch: int, metrics: dict) -> dict:
         return {"model": model.state_dict(), "arch": args.arch, "num_classes": len(classes),
@@ -210,11 +322,37 @@ def main(args) -> dict:
 
     history, best_acc, best_metrics = [], -1.0, {}
     start = time.perf_counter()
+    scored = {}
+    if args.head_from_features:
+        table, scored = fit_head_from_features(args, model, eval_tf, device)
+        chosen = next(row for row in table if row.get("chosen"))
+        best_acc = chosen["val_accuracy"]
+        best_metrics = {"best_val_accuracy": best_acc, "epoch": 0, "head_C": chosen["C"],
+                        "head_fit": table, "refit_on_train_val": args.refit_on_train_val}
+        torch.save(checkpoint(0, best_metrics), out / "checkpoint_best.pt")
+        with open(out / "head_fit.json", "w") as f:
+            json.dump(table, f, indent=2)
+        plot_head_fit(table, out / "head_fit.png")
+        logger.info("head fitted on features in %.1f s: val %.4f (C=%g)",
+                    time.perf_counter() - start, best_acc, chosen["C"])
+
+    if args.epochs > 0:
+        train_loader = DataLoader(train_ds, shuffle=True, drop_last=len(train_ds) > args.batch_size,
+                                  generator=torch.Generator().manual_seed(args.seed), **loader_kw)
+        val_loader = DataLoader(val_ds, shuffle=False, **loader_kw)
+        head_ids = {id(p) for p in (model.get_submodule(model.head_name).parameters())}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trainable if id(p) in head_ids]},
+                  {"params": [p for p in trainable if id(p) not in head_ids],
+                   "lr": args.lr * args.backbone_lr_scale}]
+        optimizer = make_optimizer(args, [g for g in groups if g["params"]])
+        scheduler = make_scheduler(args, optimizer)
+        scored = {}  # fine-tuning changes the model: score it again below
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         tr = train_one_epoch(model, train_loader, criterion, optimizer, device,
-                             f"epoch {epoch}/{args.epochs}")
+                             f"epoch {epoch}/{args.epochs}", freeze_bn_stats=args.freeze_bn_stats)
         scheduler.step()
         va = evaluate(model, val_loader, criterion, device, "val")
         row = {"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
@@ -234,13 +372,18 @@ def main(args) -> dict:
             logger.info("stopping after epoch %d: next epoch would pass --max-train-minutes %.1f",
                         epoch, args.max_train_minutes)
             break
-    plot_learning_curves(history, out / "learning_curves.png")
+    if history:
+        plot_learning_curves(history, out / "learning_curves.png")
     train_minutes = (time.perf_counter() - start) / 60
 
     if test_ds is not None:
         best = torch.load(out / "checkpoint_best.pt", map_location=device, weights_only=True)
-        model.load_state_dict(best["model"])
-        te = evaluate(model, DataLoader(test_ds, shuffle=False, **loader_kw), criterion, device, "test")
+        if "test" in scored and best["epoch"] == 0:
+            te = scored["test"]  # the head-only model: test scored on its cached features
+        else:
+            model.load_state_dict(best["model"])
+            te = evaluate(model, DataLoader(test_ds, shuffle=False, **loader_kw), criterion,
+                          device, "test")
         report = write_test_report(te["targets"], te["probs"], classes, out)
         best_metrics["test_accuracy"] = report["accuracy"]
         best["metrics"] = best_metrics
