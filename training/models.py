@@ -137,7 +137,7 @@ def _classifier(model: nn.Module) -> tuple[str, nn.Linear]:
     """The classifier to replace: timm's ``pretrained_cfg["classifier"]`` (``classifier``,
     ``fc``, ``head.fc``), else the last ``nn.Linear`` (torchvision models)."""
     name = getattr(model, "pretrained_cfg", {}).get("classifier")
-    if name:
+    if isinstance(name, str):  # a tuple (two heads, distilled models): the last Linear below
         module = model.get_submodule(name)
         if isinstance(module, nn.Linear):
             return name, module
