@@ -22,7 +22,9 @@ def plot_learning_curves(history: list[dict], path: Path) -> None:
         ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], marker="o", label=split)
         ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], marker="o", label=split)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
-    ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="Accuracy", ylim=(0, 1))
+    lowest = min(h[f"{split}_accuracy"] for h in history for split in ("train", "val"))
+    ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="Accuracy",
+               ylim=(max(0.0, lowest - 0.05), 1.0))  # pretrained runs live between 0.9 and 1
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
