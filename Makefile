@@ -10,7 +10,7 @@ SCRATCH ?=
 # a linear head fitted on cached frozen features, then the whole network fine-tuned with its batch
 # norm statistics frozen ("Training" in the README says how the recipe was chosen, on val/).
 TRANSFER := --arch tf_efficientnet_lite0 --weights package --head-from-features --freeze-bn-stats \
-  --lr-warmup-epochs 1 --workers 1
+  --lr-warmup-epochs 1 --workers 1 --tta auto
 ifeq ($(strip $(DATA)),)
 # Offline default: sklearn's handwritten digits as an ImageFolder (8x8 scans upscaled to 32 px).
 ifeq ($(strip $(SCRATCH)),)

@@ -125,7 +125,7 @@ class ImageClassifierHandler(BaseHandler):
         model = None
         if self.backend not in ONNX_FILES or choose_on_gpu:
             model = load_trained(exported["arch"], exported["num_classes"], exported.get("head"),
-                                 exported["state_dict"]).to(self.device,
+                                 exported["state_dict"], exported.get("tta")).to(self.device,
                                                             memory_format=torch.channels_last)
         size = self.transform.crop_size
         example = torch.zeros(max(int(props.get("batch_size") or 1), 1), 3, size, size,

@@ -266,7 +266,13 @@ def test_fast_path_head_scores_the_same_inside_the_full_model(digits, tmp_path):
     tuned = tmp_path / "tuned"
     metrics = train.main(train.get_args_parser().parse_args([
         *common, "--output-dir", str(tuned), "--epochs", "1", "--train-last", "2",
-        "--freeze-bn-stats", "--hflip-prob", "0"]))
+        "--freeze-bn-stats", "--hflip-prob", "0", "--tta", "auto"]))
     history = json.loads((tuned / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1]
     assert metrics["best_val_accuracy"] == max(chosen["val_accuracy"], history[0]["val_accuracy"])
+    # --tta auto: flips kept only if they raised val accuracy, and the checkpoint says so
+    tta = metrics["tta"]
+    assert tta["used"] == (tta["val_accuracy_flip"] > tta["val_accuracy"])
+    ckpt = torch.load(tuned / "checkpoint_best.pt", weights_only=True)
+    assert ckpt["tta"] == ("flip" if tta["used"] else None)
+    assert tta["val_accuracy"] == pytest.approx(metrics["best_val_accuracy"], abs=1.5 / len(val))

@@ -329,6 +329,35 @@ def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
+def test_flip_average_serves_the_mean_probability_in_every_form(tmp_path):
+    """FlipAverage: softmax of its output is the mean of the image's and its mirror's
+    probabilities, in eager, in the exported ONNX graph and after int8 quantization."""
+    from handler.backends import make_runner
+    from training.export import export_onnx, quantize_int8
+    from training.models import FlipAverage, load_trained
+
+    torch.manual_seed(0)
+    plain = build_model(LITE0, 3).eval()
+    with torch.no_grad():
+        plain.classifier.weight.normal_(0, 0.1)
+    wrapped = load_trained(LITE0, 3, None, plain.state_dict(), "flip")
+    assert isinstance(wrapped, FlipAverage)
+    x = torch.randn(5, 3, 64, 64)
+    with torch.inference_mode():
+        expected = (plain(x).softmax(1) + plain(x.flip(3)).softmax(1)) / 2
+        torch.testing.assert_close(wrapped(x).softmax(1), expected, atol=1e-6, rtol=1e-5)
+    onnx_path = export_onnx(load_trained(LITE0, 3, None, plain.state_dict(), "flip"), 64,
+                            tmp_path / "model.onnx")
+    for n in (1, 5):  # the doubled batch stays dynamic
+        out = make_runner("onnxruntime", None, onnx_path=str(onnx_path), num_threads=1)(x[:n])
+        torch.testing.assert_close(out.softmax(1), expected[:n], atol=1e-5, rtol=1e-4)
+    int8 = quantize_int8(onnx_path, tmp_path / "model.int8.onnx", x)
+    out = make_runner("onnxruntime-int8", None, onnx_path=str(int8), num_threads=1)(x)
+    assert (out.softmax(1) - expected).abs().max() < 0.1
+    with pytest.raises(ValueError, match="unknown tta"):
+        load_trained(LITE0, 3, None, plain.state_dict(), "rotate")
+
+
 # --- serving a timm model ------------------------------------------------------------------
 
 @pytest.mark.e2e

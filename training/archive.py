@@ -207,8 +207,8 @@ def export_files(checkpoint: dict, dest: Path, args) -> dict:
     files = {"model": dest / "model.pt", "labels": dest / "index_to_name.json",
              "config": dest / "model-config.yaml"}
     torch.save({"arch": checkpoint["arch"], "num_classes": checkpoint["num_classes"],
-                "head": checkpoint.get("head") or {}, "state_dict": checkpoint["model"]},
-               files["model"])
+                "head": checkpoint.get("head") or {}, "state_dict": checkpoint["model"],
+                "tta": checkpoint.get("tta")}, files["model"])
     files["labels"].write_text(json.dumps(
         {str(i): name for i, name in enumerate(checkpoint["class_names"])}, indent=2))
     config = model_config(args, checkpoint["preprocessing"])
@@ -216,7 +216,7 @@ def export_files(checkpoint: dict, dest: Path, args) -> dict:
         from training.models import load_trained
 
         model = load_trained(checkpoint["arch"], checkpoint["num_classes"], checkpoint.get("head"),
-                             checkpoint["model"])
+                             checkpoint["model"], checkpoint.get("tta"))
         try:
             calibration, check, labels, root = labelled_images(checkpoint, args)
             labelled = (calibration, check, labels)
@@ -240,7 +240,7 @@ def export_files(checkpoint: dict, dest: Path, args) -> dict:
         from training.models import load_trained
 
         model = load_trained(checkpoint["arch"], checkpoint["num_classes"], checkpoint.get("head"),
-                             checkpoint["model"])
+                             checkpoint["model"], checkpoint.get("tta"))
         crop = checkpoint["preprocessing"]["crop_size"]
         files["onnx"] = dest / ONNX_FILES[args.backend]
         if args.backend == "onnxruntime":

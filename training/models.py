@@ -298,22 +298,48 @@ def freeze_batchnorm_stats(model: nn.Module, *, all_norms: bool = False) -> None
             module.eval()
 
 
-def load_trained(arch: str, num_classes: int, head: Optional[dict], state_dict: dict) -> nn.Module:
+class FlipAverage(nn.Module):
+    """Test-time augmentation: each image and its left-right mirror, probabilities averaged.
+
+    Returns ``log(mean of the two softmaxes)``, float32 [N, C], so that the softmax the
+    handler applies gives exactly the averaged probabilities (finite: some class always has
+    probability >= 1/C). Two forward passes rather than one over a 2N batch: splitting the batch
+    again is a dynamic Reshape, which ONNX Runtime's shape inference for int8 cannot follow.
+    Used when training found that it raises val accuracy (``training/train.py --tta``).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plain = torch.softmax(self.model(x).float(), dim=1)
+        mirrored = torch.softmax(self.model(x.flip(3)).float(), dim=1)
+        return torch.log((plain + mirrored) * 0.5)
+
+
+def load_trained(arch: str, num_classes: int, head: Optional[dict], state_dict: dict,
+                 tta: Optional[str] = None) -> nn.Module:
     """Rebuilds a model trained by ``training/train.py`` from its saved parts.
 
     Args:
         arch, num_classes: as given to ``build_model``.
         head: ``{"hidden_units", "dropout"}`` of the head (None/{}: a plain Linear).
         state_dict: the trained weights.
+        tta: ``"flip"``: wrap in ``FlipAverage``; None: the model as trained.
 
     Returns:
-        The model in eval mode, on CPU, fp32.
+        The model in eval mode, on CPU, fp32: float32 [N, 3, H, W] -> logits (or, with
+        ``tta``, log-probabilities) float32 [N, num_classes].
 
     Raises:
         RuntimeError: ``state_dict`` does not fit the rebuilt model.
+        ValueError: unknown ``tta``.
     """
     head = head or {}
     model = build_model(arch, num_classes, hidden_units=head.get("hidden_units"),
                         dropout=head.get("dropout", 0.0))
     model.load_state_dict(state_dict)
-    return model.eval()
+    if tta not in (None, "flip"):
+        raise ValueError(f"unknown tta {tta!r}: None or 'flip'")
+    return (FlipAverage(model) if tta == "flip" else model).eval()

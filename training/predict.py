@@ -26,7 +26,8 @@ def load_classifier(checkpoint: Path, device: torch.device):
         (model in eval mode on ``device``, class names in index order, EvalTransform).
     """
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model = load_trained(ckpt["arch"], ckpt["num_classes"], ckpt.get("head"), ckpt["model"]).to(
+    model = load_trained(ckpt["arch"], ckpt["num_classes"], ckpt.get("head"), ckpt["model"],
+                         ckpt.get("tta")).to(
         device, memory_format=torch.channels_last)
     return model, ckpt["class_names"], EvalTransform.from_dict(ckpt["preprocessing"])
 

@@ -36,7 +36,7 @@ from handler.preprocessing import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from training.data import make_datasets
 from training.features import (DEFAULT_CS, cached_features, fit_linear_head, refit_linear_head,
                                weights_digest)
-from training.models import (build_model, canonical_arch, freeze_batchnorm_stats,
+from training.models import (FlipAverage, build_model, canonical_arch, freeze_batchnorm_stats,
                              pretrained_preprocessing, set_head, train_last)
 from training.presets import ClassificationPresetTrain
 from training.reports import plot_head_fit, plot_learning_curves, write_test_report
@@ -75,6 +75,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--refit-on-train-val", action="store_true",
                    help="with --head-from-features: once C is chosen on val, fit the head "
                         "again on train + val")
+    p.add_argument("--tta", choices=["none", "flip", "auto"], default="none",
+                   help="test-time augmentation served with the model: flip averages each image "
+                        "with its mirror (2x inference); auto keeps it only if it raises val accuracy")
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs (default 10; with --head-from-features, "
                         "fine-tuning epochs after the head fit, default 0)")
@@ -315,7 +318,7 @@ def main(args) -> dict:
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
     def checkpoint(epoch: int, metrics: dict) -> dict:
-        return {"model": model.state_dict(), "arch": args.arch, "num_classes": len(classes),
+        return {"model": model.state_dict(), "arch": args.arch, "num_classes": len(classes), "tta": None,
                 "head": {"hidden_units": args.hidden_units, "dropout": args.dropout},
                 "class_names": list(classes), "preprocessing": eval_tf.to_dict(),
                 "args": _plain_args(args), "epoch": epoch, "metrics": metrics}
@@ -376,13 +379,19 @@ def main(args) -> dict:
         plot_learning_curves(history, out / "learning_curves.png")
     train_minutes = (time.perf_counter() - start) / 60
 
+    best = torch.load(out / "checkpoint_best.pt", map_location=device, weights_only=True)
+    model.load_state_dict(best["model"])
+    served = model
+    if args.tta != "none":
+        served = choose_tta(args, model, val_ds, loader_kw, criterion, device, best_metrics)
+        best["tta"] = "flip" if served is not model else None
+        best["metrics"] = best_metrics
+        torch.save(best, out / "checkpoint_best.pt")
     if test_ds is not None:
-        best = torch.load(out / "checkpoint_best.pt", map_location=device, weights_only=True)
-        if "test" in scored and best["epoch"] == 0:
+        if "test" in scored and best["epoch"] == 0 and served is model:
             te = scored["test"]  # the head-only model: test scored on its cached features
         else:
-            model.load_state_dict(best["model"])
-            te = evaluate(model, DataLoader(test_ds, shuffle=False, **loader_kw), criterion,
+            te = evaluate(served, DataLoader(test_ds, shuffle=False, **loader_kw), criterion,
                           device, "test")
         report = write_test_report(te["targets"], te["probs"], classes, out)
         best_metrics["test_accuracy"] = report["accuracy"]
@@ -396,6 +405,26 @@ def main(args) -> dict:
     logger.info("best val accuracy %.4f at epoch %d; %.1f min; outputs in %s",
                 best_acc, best_metrics["epoch"], train_minutes, out)
     return best_metrics
+
+
+def choose_tta(args, model: nn.Module, val_ds, loader_kw: dict, criterion,
+               device: torch.device, metrics: dict) -> nn.Module:
+    """Scores the best model on val with and without flip test-time augmentation.
+
+    ``--tta flip`` keeps the flips; ``--tta auto`` keeps them only when val accuracy rises.
+    Records ``metrics["tta"] = {"val_accuracy", "val_accuracy_flip", "used"}``.
+
+    Returns:
+        ``FlipAverage(model)`` when flips are kept, else ``model``.
+    """
+    loader = DataLoader(val_ds, shuffle=False, **loader_kw)
+    plain = evaluate(model, loader, criterion, device, "val")["accuracy"]
+    flip = evaluate(FlipAverage(model), loader, criterion, device, "val, flipped too")["accuracy"]
+    used = args.tta == "flip" or flip > plain
+    metrics["tta"] = {"val_accuracy": plain, "val_accuracy_flip": flip, "used": used}
+    logger.info("test-time flips: val %.4f -> %.4f: %s", plain, flip,
+                "served with the model" if used else "not used")
+    return FlipAverage(model) if used else model
 
 
 def write_history(history: list[dict], out: Path) -> None:
