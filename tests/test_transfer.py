@@ -255,6 +255,31 @@ def test_linear_head_reproduces_scikit_learn_and_chooses_c_on_val():
     np.testing.assert_allclose(probs, clf.predict_proba((val.features - mean) / std), atol=1e-4)
 
 
+def test_refit_on_train_and_val_uses_both_splits_rows():
+    """--refit-on-train-val: the head fitted again on train + val (flipped rows included)
+    equals scikit-learn on the concatenated rows."""
+    from sklearn.linear_model import LogisticRegression
+
+    from training.features import Features, refit_linear_head
+
+    rng = np.random.default_rng(2)
+
+    def split(n):
+        labels = rng.integers(0, 3, n)
+        feats = (labels[:, None] + rng.normal(0, 1, (n, 4))).astype(np.float32)
+        return Features(feats, feats[:, ::-1].copy(), labels)
+
+    train, val = split(60), split(30)
+    head = refit_linear_head([train, val], 0.5)
+    x = np.concatenate([train.features, train.flipped, val.features, val.flipped])
+    y = np.concatenate([train.labels] * 2 + [val.labels] * 2)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    clf = LogisticRegression(C=0.5, max_iter=3000, random_state=0).fit((x - mean) / std, y)
+    with torch.no_grad():
+        probs = head(torch.from_numpy(x)).softmax(1).numpy()
+    np.testing.assert_allclose(probs, clf.predict_proba((x - mean) / std), atol=1e-4)
+
+
 def test_binary_head_gives_the_logistic_probability():
     from training.features import Features, fit_linear_head
 
