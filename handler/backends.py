@@ -102,6 +102,17 @@ def _compiled_runner(model: torch.nn.Module, example: torch.Tensor) -> Runner:
 TORCH_BACKENDS = ("eager", "bf16")
 
 
+def default_threads(num_threads: int, max_workers: int) -> int:
+    """Intra-op threads of one worker: ``num_threads`` when > 0, else this process's CPUs
+    divided by ``max_workers`` (at least 1), so that the workers don't oversubscribe the cores.
+    The handler and the archive's back-end timing (``training/backend_choice.py``) both use it."""
+    import os
+
+    if num_threads > 0:
+        return num_threads
+    return max(1, len(os.sched_getaffinity(0)) // max(max_workers, 1))
+
+
 def measure_throughput(run: Runner, example: torch.Tensor, *, min_runs: int = 5,
                        min_seconds: float = 1.0) -> float:
     """Images per second of ``run`` on ``example``: the median of timed runs.

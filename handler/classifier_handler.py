@@ -30,7 +30,8 @@ from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from backends import BACKENDS, ONNX_FILES, TORCH_BACKENDS, fastest, make_runner, retain_heap
+from backends import (BACKENDS, ONNX_FILES, TORCH_BACKENDS, default_threads, fastest,
+                      make_runner, retain_heap)
 from models import load_trained
 from payload import Batch, InternalError, parse_request, parse_topk
 from postprocessing import topk_records
@@ -94,10 +95,8 @@ class ImageClassifierHandler(BaseHandler):
         self.backend = cfg.get("backend", "eager")
         if self.backend not in BACKENDS:
             raise ValueError(f"handler.backend {self.backend!r} is not one of {BACKENDS}")
-        threads = int(cfg.get("num_threads", 0))
-        if threads <= 0:
-            workers = int((context.model_yaml_config or {}).get("maxWorkers") or 1)
-            threads = max(1, len(os.sched_getaffinity(0)) // max(workers, 1))
+        threads = default_threads(int(cfg.get("num_threads", 0)),
+                                  int((context.model_yaml_config or {}).get("maxWorkers") or 1))
         torch.set_num_threads(threads)
         retain_mb = int(cfg.get("retain_heap_mb", 1024))
         heap = f"{retain_mb} MiB of free heap retained" if retain_heap(retain_mb) else "glibc heap defaults"

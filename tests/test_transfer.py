@@ -69,6 +69,10 @@ def test_train_last_freezes_all_but_the_last_stages_and_their_norm_statistics():
     freeze_batchnorm_stats(model)
     assert not model.blocks[5][0].bn1.training and model.blocks[6][0].bn1.training
     assert [n for n, _ in stages(build_model("vgg16", 3))][-2:] == ["classifier.0", "classifier.3"]
+    vit = build_model("timm/vit_tiny_patch16_224", 3)  # parameters outside any stage
+    assert train_last(vit, 1) == ["norm"]
+    trainable = {n for n, p in vit.named_parameters() if p.requires_grad}
+    assert trainable == {"norm.weight", "norm.bias", "head.weight", "head.bias"}
 
 
 # --- weights from installed packages -------------------------------------------------------

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 import yaml
 
-from handler.backends import BACKENDS, ONNX_FILES
-from training.backend_choice import AUTO_CANDIDATES, choose_backend, default_threads
+from handler.backends import BACKENDS, ONNX_FILES, default_threads
+from training.backend_choice import AUTO_CANDIDATES, choose_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "handler" / "classifier_handler.py"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -145,11 +144,3 @@ def choose_backend(model: torch.nn.Module, crop_size: int, dest: Path, *,
         if name != chosen and (dest / file).exists():
             (dest / file).unlink()
     return selection
-
-
-def default_threads(num_threads: int, max_workers: int) -> int:
-    """Threads per worker as the handler computes them: ``num_threads``, or this process's
-    CPUs divided by ``max_workers`` (at least 1)."""
-    if num_threads > 0:
-        return num_threads
-    return max(1, len(os.sched_getaffinity(0)) // max(max_workers, 1))

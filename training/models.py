@@ -268,7 +268,8 @@ def stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def train_last(model: nn.Module, n: int) -> list[str]:
-    """Freezes all but the head and the last ``n`` of ``stages(model)``.
+    """Freezes all but the head and the last ``n`` of ``stages(model)``; parameters the model
+    holds outside any stage (a ViT's ``cls_token``, ``pos_embed``) are frozen too.
 
     Batch norms in frozen stages should then run in eval mode (``freeze_batchnorm_stats``).
 
@@ -276,10 +277,12 @@ def train_last(model: nn.Module, n: int) -> list[str]:
         The names of the stages left trainable.
     """
     parts = stages(model)
-    trainable = [name for name, _ in parts[len(parts) - n:]] if n > 0 else []
-    for name, module in parts:
-        module.requires_grad_(name in trainable)
-    return trainable
+    trainable = [(name, module) for name, module in parts[len(parts) - n:]] if n > 0 else []
+    model.requires_grad_(False)
+    model.get_submodule(model.head_name).requires_grad_(True)
+    for _, module in trainable:
+        module.requires_grad_(True)
+    return [name for name, _ in trainable]
 
 
 def freeze_batchnorm_stats(model: nn.Module, *, all_norms: bool = False) -> None:
