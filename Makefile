@@ -60,10 +60,10 @@ test-unit: setup
 	$(PY) -m pytest -m unit
 
 serve: setup
-	$(PY) scripts/serve.py start --models $(MODEL)=$(MODEL).mar
+	$(PY) -m scripts.serve start --models $(MODEL)=$(MODEL).mar
 
 stop:
-	$(PY) scripts/serve.py stop
+	$(PY) -m scripts.serve stop
 
 clean:
 	rm -rf runs data/digits logs model_store/*.mar

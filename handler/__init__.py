@@ -1,1 +1,5 @@
-"""TorchServe handler package. Inside a .mar the files are imported flat instead."""
+"""The TorchServe handler and everything it imports: exactly what the model archive ships.
+
+``training/archive.py`` copies this package whole into the archive, next to the entry module
+``classifier_handler.py``. Nothing here imports from ``training/`` or ``scripts/``.
+"""

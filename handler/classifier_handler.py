@@ -1,9 +1,10 @@
 """TorchServe handler: image bytes in, top-k labels with probabilities out.
 
-Packaged in the model archive with ``preprocessing.py``, ``postprocessing.py``, ``payload.py``,
-``backends.py``, ``models.py`` (from ``training/``), ``index_to_name.json``,
-``model-config.yaml`` and, for the ONNX Runtime back-ends, ``model.onnx`` / ``model.int8.onnx``;
-the archive's files sit flat on ``sys.path`` in the worker, hence the flat imports.
+The model archive holds this file at its top level (TorchServe's worker imports it as
+``classifier_handler``), the ``handler/`` package it imports from, ``index_to_name.json``,
+``model-config.yaml``, ``model.pt`` and, for the ONNX Runtime back-ends, ``model.onnx`` /
+``model.int8.onnx``. TorchServe puts the unpacked archive on the worker's ``PYTHONPATH``, so
+``handler.*`` resolves to the archive's own copy.
 
 Request forms (one image per request; TorchServe's dynamic batching groups requests):
   * raw body: ``curl -T img.jpg`` or ``--data-binary @img.jpg -H "Content-Type: image/jpeg"``
@@ -30,33 +31,21 @@ from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from backends import (BACKENDS, ONNX_FILES, TORCH_BACKENDS, default_threads, fastest,
-                      make_runner, retain_heap)
-from models import load_trained
-from payload import Batch, InternalError, parse_request, parse_topk
-from postprocessing import topk_records
-from preprocessing import ClientError, EvalTransform
+from handler.architectures import load_trained
+from handler.backends import ONNX_FILES, default_threads, fastest, make_runner, retain_heap
+from handler.payload import Batch, InternalError, parse_request
+from handler.postprocessing import topk_records
+from handler.preprocessing import ClientError
+from handler.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
 
 class ImageClassifierHandler(BaseHandler):
     """Batched top-k image classification for a torchvision or timm model trained by ``training/``.
 
-    Handler settings come from the ``handler:`` section of ``model-config.yaml``:
-        preprocessing: ``EvalTransform`` settings (crop_size, resize_size, mean, std,
-            interpolation), written by the archive step from the checkpoint. Required.
-        topk: default k (int >= 1). Default 5.
-        num_threads: intra-op threads per worker, torch and ONNX Runtime. 0: the worker's
-            CPUs divided by ``maxWorkers`` (at least 1), so that workers don't oversubscribe
-            the cores.
-        backend: one of ``backends.BACKENDS`` (default ``eager``); ONNX Runtime back-ends read
-            the archive's ``model.onnx`` / ``model.int8.onnx``. ``training.archive --backend
-            auto`` writes the fastest on the archiving CPU (``backend_selection`` says why).
-        gpu_backends: torch back-ends that passed the archive's accuracy gate (written by
-            ``--backend auto``). On a CUDA worker of such an archive the CPU choice does not
-            apply: the worker times these on its GPU at load and serves the fastest.
-        retain_heap_mb: free CPU heap (MiB) the worker keeps for the next batch instead of
-            unmapping it (``backends.retain_heap``). Default 1024; 0 leaves glibc's defaults.
+    Settings: the ``handler:`` section of ``model-config.yaml``, parsed by
+    ``settings.HandlerSettings`` (preprocessing, topk, num_threads, backend, gpu_backends,
+    retain_heap_mb); an unknown key fails the load with a message naming it.
 
     Metrics (declared in ``monitoring/metrics.yaml``; dimensions ModelName, ModelVersion):
     ``classifier_{preprocess,inference,postprocess}_seconds`` (histograms: per image, per batch,
@@ -87,18 +76,15 @@ class ImageClassifierHandler(BaseHandler):
         self.manifest = context.manifest
         props = context.system_properties
         model_dir = props["model_dir"]
-        cfg = (context.model_yaml_config or {}).get("handler") or {}
-        if "preprocessing" not in cfg:
-            raise ValueError("model-config.yaml needs handler.preprocessing (see training/archive.py)")
-        self.transform = EvalTransform.from_dict(cfg["preprocessing"])
-        self.default_topk = parse_topk(cfg.get("topk", 5), 5)
-        self.backend = cfg.get("backend", "eager")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"handler.backend {self.backend!r} is not one of {BACKENDS}")
-        threads = default_threads(int(cfg.get("num_threads", 0)),
+        self.settings = settings = HandlerSettings.from_config(
+            (context.model_yaml_config or {}).get("handler"))
+        self.transform = settings.preprocessing
+        self.default_topk = settings.topk
+        self.backend = settings.backend
+        threads = default_threads(settings.num_threads,
                                   int((context.model_yaml_config or {}).get("maxWorkers") or 1))
         torch.set_num_threads(threads)
-        retain_mb = int(cfg.get("retain_heap_mb", 1024))
+        retain_mb = settings.retain_heap_mb
         heap = f"{retain_mb} MiB of free heap retained" if retain_heap(retain_mb) else "glibc heap defaults"
 
         gpu_id = props.get("gpu_id")
@@ -117,9 +103,7 @@ class ImageClassifierHandler(BaseHandler):
         if len(self.labels) != exported["num_classes"]:
             raise ValueError(f"index_to_name.json has {len(self.labels)} labels, the model "
                              f"{exported['num_classes']} outputs")
-        gpu_backends = cfg.get("gpu_backends")
-        if gpu_backends is not None and not set(gpu_backends) <= set(TORCH_BACKENDS):
-            raise ValueError(f"handler.gpu_backends {gpu_backends} must be among {TORCH_BACKENDS}")
+        gpu_backends = settings.gpu_backends
         choose_on_gpu = self.device.type == "cuda" and bool(gpu_backends)
         model = None
         if self.backend not in ONNX_FILES or choose_on_gpu:

@@ -1,6 +1,6 @@
 """Request parsing for the handler: what TorchServe's worker delivers -> (image bytes, k).
 
-Pure Python (no TorchServe import), flat-imported inside the archive as ``payload``.
+No TorchServe import: unit-tested without a server.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from preprocessing import BadParameterError, ClientError, DecodeError
+from handler.preprocessing import BadParameterError, ClientError, DecodeError
 
 # Field names that may carry the image: "data" (multipart / JSON, TorchServe's convention)
 # and "body" (what the worker calls a raw request body).

@@ -1,8 +1,8 @@
 """Image decoding and the single evaluation transform, shared by training and serving.
 
-This module is imported two ways: as ``handler.preprocessing`` by the training code and
-flat (``from preprocessing import ...``) inside the TorchServe model archive, where the
-archive's files sit side by side on ``sys.path``. It must therefore not import TorchServe.
+Imported as ``handler.preprocessing`` everywhere: by the training code and, inside the
+TorchServe model archive (which ships ``handler/`` whole), by the worker. It must therefore not
+import TorchServe.
 
 Evaluation (``training/train.py``), the predict CLI and the handler all turn bytes into a
 model input with ``decode_image`` followed by ``EvalTransform``; a test asserts that the

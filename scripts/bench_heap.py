@@ -1,6 +1,6 @@
 """Forward-pass cost with glibc's default heap against the worker's retained heap, A/B.
 
-    python scripts/bench_heap.py [--arch densenet121 vgg16] [--batch-size 8] [--crop-size 224] \\
+    python -m scripts.bench_heap [--arch densenet121 vgg16] [--batch-size 8] [--crop-size 224] \\
         [--threads 2] [--rounds 3] [--batches 6]
 
 Each round runs one fresh process per setting, alternating (default, retained), so both see the
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from handler.settings import DEFAULT_RETAIN_HEAP_MB
+from handler.backends import retain_heap
+from training.models import build_model
 
-from handler.backends import retain_heap  # noqa: E402
-from training.models import build_model  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def measure(arch: str, batch_size: int, crop_size: int, threads: int, batches: int, retain_mb: int) -> dict:
@@ -57,10 +57,10 @@ def main(args) -> list[dict]:
         for _ in range(args.rounds):
             for retain_mb in (0, args.retain_heap_mb):
                 out = subprocess.run(
-                    [sys.executable, __file__, "--measure", "--arch", arch, "--retain-heap-mb",
+                    [sys.executable, "-m", "scripts.bench_heap", "--measure", "--arch", arch, "--retain-heap-mb",
                      str(retain_mb), "--batch-size", str(args.batch_size), "--crop-size",
                      str(args.crop_size), "--threads", str(args.threads), "--batches", str(args.batches)],
-                    capture_output=True, text=True, check=True).stdout
+                    capture_output=True, text=True, check=True, cwd=ROOT).stdout
                 row = json.loads(out.splitlines()[-1])
                 print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
                 rows.append(row)
@@ -76,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="A/B pairs per architecture")
     p.add_argument("--batches", type=int, default=6, help="timed forward passes per process")
-    p.add_argument("--retain-heap-mb", type=int, default=1024)
+    p.add_argument("--retain-heap-mb", type=int, default=DEFAULT_RETAIN_HEAP_MB)
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     return p
 

@@ -12,7 +12,7 @@ PY=.venv/bin/python
 DATA=${DATA:-}
 if [ -z "$DATA" ]; then
   DATA=data/digits
-  [ -d "$DATA/train" ] || $PY scripts/make_digits.py "$DATA"
+  [ -d "$DATA/train" ] || $PY -m scripts.make_digits "$DATA"
 fi
 DATA=${DATA%/}
 MODEL=${MODEL:-$(basename "$DATA")}
@@ -30,9 +30,9 @@ echo "== 2/4 archive -> model_store/$MODEL.mar"
 # shellcheck disable=SC2086
 $PY -m training.archive --checkpoint "$RUN/checkpoint_best.pt" --model-name "$MODEL" ${ARCHIVE_ARGS:-}
 echo "== 3/4 start TorchServe"
-trap '$PY scripts/serve.py stop' EXIT
-$PY scripts/serve.py start --models "$MODEL=$MODEL.mar"
+trap '$PY -m scripts.serve stop' EXIT
+$PY -m scripts.serve start --models "$MODEL=$MODEL.mar"
 echo "== 4/4 classify every image of $HELD_OUT over HTTP"
-$PY scripts/classify.py --model "$MODEL" "$HELD_OUT" --show 3 --topk 3 --output "$RUN/http_eval.json"
+$PY -m scripts.classify --model "$MODEL" "$HELD_OUT" --show 3 --topk 3 --output "$RUN/http_eval.json"
 echo "training took ${train_s} s, the whole demo $(( $(date +%s) - start )) s; outputs in $RUN"
 echo "serve it again with: make serve MODEL=$MODEL"

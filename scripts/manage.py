@@ -1,11 +1,12 @@
 """Model lifecycle through TorchServe's management API: register, scale, version, unregister.
 
-    python scripts/manage.py list
-    python scripts/manage.py describe NAME [VERSION|all]
-    python scripts/manage.py register NAME_V2.mar [--workers 1 --batch-size 8 --max-batch-delay 20]
-    python scripts/manage.py scale NAME [--version V] --min-workers 3 [--max-workers 3]
-    python scripts/manage.py set-default NAME VERSION
-    python scripts/manage.py unregister NAME [VERSION]
+    python -m scripts.manage list
+    python -m scripts.manage describe NAME [VERSION|all]
+    python -m scripts.manage register NAME_V2.mar [--workers 1 --batch-size 8 --max-batch-delay 20]
+    python -m scripts.manage scale NAME [--version V] --min-workers 3 [--max-workers 3]
+    python -m scripts.manage set-default NAME VERSION
+    python -m scripts.manage unregister NAME [VERSION]
+    python -m scripts.manage renew-key inference|management
 
 Reads the management key from TorchServe's ``key_file.json`` (token authorization) and the
 address from ``config.properties``. Exits 1, printing the server's message, when a call fails.
@@ -15,105 +16,19 @@ All changes are synchronous: the command returns once TorchServe has applied the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts.ts_server import ROOT, read_properties  # noqa: E402
-
-
-class ManagementError(RuntimeError):
-    """A management call answered with a non-2xx status."""
-
-
-class Management:
-    """A thin client of the management API (https://pytorch.org/serve/management_api.html)."""
-
-    def __init__(self, url: str, key: str | None, timeout_s: float = 300.0):
-        self.url = url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.timeout_s = timeout_s
-
-    def _call(self, method: str, path: str, **params):
-        params = {k: v for k, v in params.items() if v is not None}
-        r = requests.request(method, f"{self.url}{path}", params=params, headers=self.headers,
-                             timeout=self.timeout_s)
-        try:
-            body = r.json()
-        except ValueError:
-            body = {"message": r.text}
-        if not r.ok:
-            message = body.get("message", body) if isinstance(body, dict) else body
-            raise ManagementError(f"HTTP {r.status_code}: {message}")
-        return body
-
-    def list(self) -> list[dict]:
-        return self._call("GET", "/models", limit=1000)["models"]
-
-    def describe(self, name: str, version: str | None = None) -> list[dict]:
-        return self._call("GET", f"/models/{name}" + (f"/{version}" if version else ""))
-
-    def register(self, url: str, *, workers: int = 1, batch_size: int | None = None,
-                 max_batch_delay: int | None = None, response_timeout: int | None = None,
-                 model_name: str | None = None) -> dict:
-        return self._call("POST", "/models", url=url, initial_workers=workers,
-                          batch_size=batch_size, max_batch_delay=max_batch_delay,
-                          response_timeout=response_timeout, model_name=model_name,
-                          synchronous="true")
-
-    def scale(self, name: str, min_workers: int, max_workers: int | None = None,
-                version: str | None = None, attempts: int = 3) -> dict:
-        """Sets the worker count. Retries TorchServe 0.12's transient 500
-        ConcurrentModificationException: scaling down under load races in
-        WorkerThread.shutdown() -> BatchAggregator.sendError(); the call is idempotent."""
-        for attempt in range(1, attempts + 1):
-            try:
-                return self._call("PUT", f"/models/{name}" + (f"/{version}" if version else ""),
-                                  min_worker=min_workers, max_worker=max_workers or min_workers,
-                                  synchronous="true")
-            except ManagementError as exc:
-                if "ConcurrentModificationException" not in str(exc) or attempt == attempts:
-                    raise
-                print(f"warning: scale attempt {attempt} hit TorchServe's {exc}; retrying",
-                      file=sys.stderr)
-                time.sleep(1.0)
-
-    def set_default(self, name: str, version: str) -> dict:
-        return self._call("PUT", f"/models/{name}/{version}/set-default")
-
-    def unregister(self, name: str, version: str | None = None) -> dict:
-        return self._call("DELETE", f"/models/{name}" + (f"/{version}" if version else ""))
-
-
-def management_key(key_file: Path) -> str | None:
-    """The management key from ``key_file.json``, or None when there is no key file."""
-    if not key_file.is_file():
-        return None
-    return json.loads(key_file.read_text())["management"]["key"]
-
-
-def format_description(versions: list[dict], default_version: str | None) -> str:
-    """Readable lines for a describe answer (one block per version)."""
-    lines = []
-    for v in versions:
-        mark = " (default)" if v["modelVersion"] == default_version else ""
-        lines.append(f"{v['modelName']} {v['modelVersion']}{mark}  url={v['modelUrl']}  "
-                     f"batchSize={v['batchSize']}  maxBatchDelay={v['maxBatchDelay']} ms  "
-                     f"workers {v['minWorkers']}..{v['maxWorkers']}")
-        for w in v.get("workers", []):
-            device = f"gpu {w['gpu']}" if w.get("gpu") else "cpu"
-            lines.append(f"    worker {w['id']}: {w['status']}  pid {w['pid']}  {device}  "
-                         f"memory {w['memoryUsage'] / 2**20:.0f} MiB")
-    return "\n".join(lines)
+from serving.management import Management, ManagementError, format_description
+from serving.server import ROOT, read_key, read_properties
 
 
 def main(args) -> int:
     props = read_properties(args.config)
-    api = Management(args.url or props["management_address"], management_key(args.key_file))
+    api = Management(args.url or props["management_address"],
+                     read_key(args.key_file, "API" if args.command == "renew-key" else "management"))
     try:
         if args.command == "list":
             models = api.list()
@@ -135,6 +50,10 @@ def main(args) -> int:
             print(api.set_default(args.name, args.version)["status"])
         elif args.command == "unregister":
             print(api.unregister(args.name, args.version)["status"])
+        elif args.command == "renew-key":
+            api.renew_key(args.api)
+            print(f"new {args.api} key written to {args.key_file} (valid for "
+                  f"token_expiration_min = {props.get('token_expiration_min', '60')} min)")
     except ManagementError as exc:
         print(f"error: {args.command} failed: {exc}", file=sys.stderr)
         return 1
@@ -172,6 +91,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("unregister", help="remove a model version (or the default one)")
     u.add_argument("name")
     u.add_argument("version", nargs="?", default=None)
+    k = sub.add_parser("renew-key", help="replace the inference or management key before it "
+                                          "expires (uses the API key of --key-file)")
+    k.add_argument("api", choices=["inference", "management"])
     return p
 
 

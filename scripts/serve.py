@@ -1,8 +1,8 @@
 """Start TorchServe and wait until the models' workers are READY, or stop it.
 
-    python scripts/serve.py start --models scenes=scenes.mar [--timeout 180]
-    python scripts/serve.py start --restore      # models, versions, workers as at the last stop
-    python scripts/serve.py stop
+    python -m scripts.serve start --models scenes=scenes.mar [--timeout 180]
+    python -m scripts.serve start --restore      # models, versions, workers as at the last stop
+    python -m scripts.serve stop
 
 The server runs from ``--workdir`` (default: the repository root), where TorchServe writes
 ``key_file.json`` (the API keys) and ``logs/``. On a timeout the log tail is printed, the
@@ -12,13 +12,11 @@ server is stopped and the exit code is 1.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts.ts_server import (ROOT, ServerError, TorchServe, model_names,  # noqa: E402
-                               read_properties, stop_pid_file)
+from serving.server import (ROOT, ServerError, TorchServe, model_names, remove_empty_model_dirs,
+                            restored_models, stop_pid_file)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -35,16 +33,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def restored_models(server: TorchServe) -> list[str]:
-    """Model names recorded in the snapshot being restored."""
-    props = read_properties(server.last_snapshot())
-    snapshot = json.loads(props.get("model_snapshot") or "{}")
-    return list(snapshot.get("models", {}))
-
-
 def main(args) -> int:
     if args.command == "stop":
         stopped = stop_pid_file(Path(args.workdir) / "torchserve.pid")
+        remove_empty_model_dirs(args.workdir)
         print("TorchServe stopped" if stopped else "TorchServe was not running (no torchserve.pid)")
         return 0
     if (Path(args.workdir) / "torchserve.pid").is_file():
@@ -53,7 +45,7 @@ def main(args) -> int:
                         models=args.models, restore=args.restore)
     try:
         server.start()
-        server.wait_ready(restored_models(server) if args.restore else model_names(args.models),
+        server.wait_ready(restored_models(server.last_snapshot()) if args.restore else model_names(args.models),
                           timeout_s=args.timeout)
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,10 +1,9 @@
-"""Shared fixtures: import paths, image factories, a tiny fixed-weight model, an archive."""
+"""Shared fixtures: image factories, a tiny fixed-weight model, an archive, a server."""
 
 from __future__ import annotations
 
 import contextlib
 import io
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -12,14 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-# The archive imports its files flat (``from preprocessing import ...``); mirror that layout.
-for path in (ROOT, ROOT / "handler", ROOT / "training"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from scripts.ts_server import TorchServe, model_names, server_overrides  # noqa: E402
-from training.models import build_model  # noqa: E402
+from serving.server import ROOT, TorchServe, model_names, server_overrides
+from training.models import build_model
 
 TINY_ARCH = "mobilenet_v3_small"  # 1.5 M parameters: fast enough for every test
 TINY_PREPROCESSING = {"crop_size": 64, "resize_size": 72, "mean": [0.485, 0.456, 0.406],

@@ -1,6 +1,5 @@
 """Inference back-ends (handler/backends.py) against the eager fp32 model they replace."""
 
-import json
 import subprocess
 import sys
 

@@ -10,6 +10,7 @@ import requests
 import torch
 
 from conftest import ROOT, build_archive, encode, running_server, scene
+from serving.server import TorchServe
 from training.predict import load_classifier
 
 pytestmark = pytest.mark.e2e
@@ -137,8 +138,10 @@ def test_archive_contents(server):
         names = set(mar.namelist())
         labels = json.loads(mar.read("index_to_name.json"))
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
-    assert {"model.pt", "classifier_handler.py", "preprocessing.py", "postprocessing.py",
-            "payload.py", "models.py", "model-config.yaml", "index_to_name.json"} <= names
+    # the handler/ package whole (its modules, no __pycache__), its entry module at the top
+    shipped = {f"handler/{p.name}" for p in (ROOT / "handler").glob("*.py")}
+    assert {"model.pt", "classifier_handler.py", "model-config.yaml", "index_to_name.json"} | shipped \
+        == names - {"MAR-INF/MANIFEST.json"} - {n for n in names if n.endswith(".onnx")}
     assert labels == {"0": "cat", "1": "dog", "2": "bird"}
     assert manifest["model"]["modelVersion"] == "1.0"
 
@@ -168,8 +171,35 @@ def test_form_urlencoded_body_is_answered_415_with_instructions(server):
 def test_frontend_jvm_gets_the_vmargs_of_config_properties(server):
     import psutil
 
-    from scripts.ts_server import read_properties
+    from serving.server import read_properties
     vmargs = read_properties(ROOT / "config.properties")["vmargs"].split()
     assert "-XX:TieredStopAtLevel=1" in vmargs
     java = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if p.name() == "java"]
     assert len(java) == 1 and set(vmargs) <= set(java[0].cmdline())
+
+
+def test_an_archive_that_cannot_load_fails_the_start_with_the_workers_error(tmp_path):
+    """A corrupt archive: start fails with the worker's own error, not after the READY timeout,
+    and the log tail holds this run's lines only; no empty models/<id>/ folders are left."""
+    import os
+
+    from serving.server import ServerError, server_overrides
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "bad.mar").write_bytes(os.urandom(4096))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "ts_log.log").write_text("MARKER-OF-AN-EARLIER-RUN\n")
+    ts = TorchServe(workdir=tmp_path, model_store=store, models=["bad=bad.mar"],
+                    overrides=server_overrides())
+    ts.start()
+    try:
+        with pytest.raises(ServerError) as err:
+            ts.wait_ready(["bad"], timeout_s=170)
+    finally:
+        ts.stop()
+    message = str(err.value)
+    print(f"\n[bad archive] {message.splitlines()[0]}")
+    assert "could not load ['bad']: its workers died while loading it" in message
+    assert "ModuleNotFoundError" in message.splitlines()[0]  # the worker's last error line
+    assert "MARKER-OF-AN-EARLIER-RUN" not in message
+    assert not (tmp_path / "models").exists()

@@ -48,7 +48,7 @@ def _context(model_dir, cfg, headers=None, n=1):
 
 @pytest.fixture()
 def handler(tmp_path, three_class_checkpoint):
-    from classifier_handler import ImageClassifierHandler
+    from handler.classifier_handler import ImageClassifierHandler
     model_dir, cfg = _model_dir(tmp_path, three_class_checkpoint, "--topk", "2")
     h = ImageClassifierHandler()
     h.initialize(_context(model_dir, cfg))
@@ -109,7 +109,7 @@ def test_k_is_clamped_to_the_three_classes(handler, jpeg_bytes):
 
 
 def test_initialize_fails_fast_on_missing_labels_or_config(tmp_path, three_class_checkpoint):
-    from classifier_handler import ImageClassifierHandler
+    from handler.classifier_handler import ImageClassifierHandler
     model_dir, cfg = _model_dir(tmp_path, three_class_checkpoint)
     with pytest.raises(ValueError, match="preprocessing"):
         ImageClassifierHandler().initialize(_context(model_dir, {"handler": {"topk": 5}}))
@@ -123,7 +123,7 @@ def test_initialize_fails_fast_on_missing_labels_or_config(tmp_path, three_class
 
 def test_evaluation_and_handler_see_identical_tensors(tmp_path, three_class_checkpoint):
     """The one preprocessing: training's eval dataset and the handler produce the same input."""
-    from classifier_handler import ImageClassifierHandler
+    from handler.classifier_handler import ImageClassifierHandler
     folder = tmp_path / "test" / "cat"
     folder.mkdir(parents=True)
     big = encode(scene(900, 700, seed=9), "JPEG")  # large enough for the JPEG draft path
@@ -163,7 +163,7 @@ def test_metrics_are_emitted_per_stage_and_per_rejection(handler, jpeg_bytes, ca
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "bf16"])
 def test_backend_from_model_config_serves_like_eager(tmp_path, three_class_checkpoint, jpeg_bytes, backend):
-    from classifier_handler import ImageClassifierHandler
+    from handler.classifier_handler import ImageClassifierHandler
     eager_dir, eager_cfg = _model_dir(tmp_path / "eager", three_class_checkpoint, "--topk", "3")
     other_dir, other_cfg = _model_dir(tmp_path / backend, three_class_checkpoint, "--topk", "3",
                                       "--backend", backend)
@@ -185,15 +185,36 @@ def test_backend_from_model_config_serves_like_eager(tmp_path, three_class_check
 
 
 def test_unknown_backend_in_model_config_fails_fast(tmp_path, three_class_checkpoint):
-    from classifier_handler import ImageClassifierHandler
+    from handler.classifier_handler import ImageClassifierHandler
     model_dir, cfg = _model_dir(tmp_path, three_class_checkpoint)
     cfg["handler"]["backend"] = "tensorrt"
     with pytest.raises(ValueError, match="tensorrt"):
         ImageClassifierHandler().initialize(_context(model_dir, cfg))
 
 
+def test_misspelt_or_mistyped_settings_fail_the_load_naming_the_key(tmp_path, three_class_checkpoint):
+    """handler.settings: a typo is an error naming it and the accepted keys, not a default."""
+    from handler.classifier_handler import ImageClassifierHandler
+    from handler.settings import DEFAULT_RETAIN_HEAP_MB, HandlerSettings
+    model_dir, cfg = _model_dir(tmp_path, three_class_checkpoint)
+    typo = {**cfg, "handler": {**cfg["handler"], "top_k": 3}}
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['top_k'\]; accepted: .*'topk'"):
+        ImageClassifierHandler().initialize(_context(model_dir, typo))
+    for key, bad in (("topk", 0), ("topk", "3"), ("num_threads", -1), ("retain_heap_mb", True),
+                     ("gpu_backends", "eager")):
+        with pytest.raises(ValueError, match=f"handler.{key}"):
+            HandlerSettings.from_config({**cfg["handler"], key: bad})
+    with pytest.raises(ValueError, match="handler: section"):
+        HandlerSettings.from_config(None)
+    settings = HandlerSettings.from_config({"preprocessing": cfg["handler"]["preprocessing"]})
+    assert (settings.topk, settings.backend, settings.retain_heap_mb) == (5, "eager", DEFAULT_RETAIN_HEAP_MB)
+    h = ImageClassifierHandler()
+    h.initialize(_context(model_dir, {**cfg, "handler": {**cfg["handler"], "topk": 2}}))
+    assert h.default_topk == 2
+
+
 def test_gpu_backends_must_be_torch_backends(tmp_path, three_class_checkpoint):
-    from classifier_handler import ImageClassifierHandler
+    from handler.classifier_handler import ImageClassifierHandler
     model_dir, cfg = _model_dir(tmp_path, three_class_checkpoint)
     cfg["handler"]["gpu_backends"] = ["eager", "onnxruntime-int8"]  # a CPU graph
     with pytest.raises(ValueError, match="gpu_backends"):
@@ -203,7 +224,7 @@ def test_gpu_backends_must_be_torch_backends(tmp_path, three_class_checkpoint):
 def test_worker_times_its_gpu_candidates_and_keeps_the_model_fp32(three_class_checkpoint):
     """What a CUDA worker does at load, run on the CPU: each candidate is timed, the fastest
     named, and the fp32 model the eager runner uses is not cast by the bf16 candidate."""
-    from classifier_handler import ImageClassifierHandler
+    from handler.classifier_handler import ImageClassifierHandler
     from training.predict import load_classifier
 
     model, _, _ = load_classifier(three_class_checkpoint, torch.device("cpu"))
@@ -218,7 +239,7 @@ def test_worker_times_its_gpu_candidates_and_keeps_the_model_fp32(three_class_ch
 def test_threads_default_to_the_cpus_shared_by_the_workers(tmp_path, three_class_checkpoint, max_workers):
     import os
 
-    from classifier_handler import ImageClassifierHandler
+    from handler.classifier_handler import ImageClassifierHandler
     before = torch.get_num_threads()
     model_dir, cfg = _model_dir(tmp_path, three_class_checkpoint, "--max-workers", str(max_workers))
     assert cfg["handler"]["num_threads"] == 0
@@ -233,7 +254,7 @@ def test_threads_default_to_the_cpus_shared_by_the_workers(tmp_path, three_class
 
 
 def test_worker_heap_setting_comes_from_the_archive(tmp_path, three_class_checkpoint, monkeypatch):
-    import classifier_handler
+    from handler import classifier_handler
     calls = []
     monkeypatch.setattr(classifier_handler, "retain_heap", lambda mb: calls.append(mb) or mb > 0)
     model_dir, cfg = _model_dir(tmp_path / "default", three_class_checkpoint)

@@ -13,8 +13,8 @@ import requests
 
 from conftest import build_archive, encode, make_checkpoint, running_server, scene
 from scripts import manage
-from scripts.manage import Management, ManagementError
-from scripts.ts_server import TorchServe
+from serving.management import Management, ManagementError
+from serving.server import TorchServe
 from traffic import Traffic
 
 pytestmark = pytest.mark.e2e
@@ -89,7 +89,41 @@ def test_registration_from_outside_the_store_is_refused(server, store, tmp_path)
         with pytest.raises(ManagementError) as err:
             api(server).register(url, model_name="evil")
         assert " 4" in str(err.value)[:9], (url, str(err.value))  # "HTTP 4xx: ..."
+    # paths of the store's own archives: 0.12 answers 500 "Model file already exists"; the
+    # frontend patch answers 400 and says what a url must be
+    for url in (str(store / f"{MODEL}_v2.mar"), "/"):
+        with pytest.raises(ManagementError) as err:
+            api(server).register(url, model_name="evil")
+        assert str(err.value).startswith("HTTP 400:") and "file name of an archive" in str(err.value)
     assert [m["modelName"] for m in api(server).list()] == [MODEL]
+
+
+def test_keys_expire_after_the_configured_time_and_renew(server, capsys):
+    """config.properties' token_expiration_min (one day, not 0.12's hour) sets the keys'
+    expiry; renew-key replaces a key with the API key; /ping needs the inference key."""
+    import datetime
+    import json
+
+    from serving.server import read_properties
+    key_file = server.workdir / "key_file.json"
+    keys = json.loads(key_file.read_text())
+    minutes = int(read_properties(server.config_path)["token_expiration_min"])
+    assert minutes == 1440
+    started = datetime.datetime.fromtimestamp(key_file.stat().st_mtime, datetime.timezone.utc)
+    for api_name in ("inference", "management"):
+        expires = datetime.datetime.fromisoformat(keys[api_name]["expiration time"][:26] + "+00:00")
+        assert abs((expires - started).total_seconds() - 60 * minutes) < 120, (api_name, expires)
+    ping = f"{server.url('inference')}/ping"
+    assert requests.get(ping, timeout=10).status_code == 401
+    assert requests.get(ping, headers=server.headers("inference"), timeout=10).status_code == 200
+    old = keys["inference"]["key"]
+    assert cli(server, "renew-key", "inference") == 0
+    assert "new inference key written" in capsys.readouterr().out
+    new = json.loads(key_file.read_text())["inference"]["key"]
+    assert new != old and json.loads(key_file.read_text())["API"] == keys["API"]
+    assert requests.get(ping, headers={"Authorization": f"Bearer {old}"}, timeout=10).status_code == 401
+    assert requests.get(ping, headers={"Authorization": f"Bearer {new}"}, timeout=10).status_code == 200
+    predict(server)  # the clients read the key file per call: they follow the renewal
 
 
 def test_cli_reports_failures_with_exit_code(server, capsys):

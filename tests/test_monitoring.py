@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from conftest import build_archive, encode, running_server, scene
-from scripts.ts_server import free_ports
+from serving.server import free_ports
 
 pytestmark = pytest.mark.e2e
 MODEL = "mon3"
@@ -105,8 +105,10 @@ def test_prometheus_sees_requests_rejections_and_stage_metrics(server, prometheu
         assert wait_for(prometheus, f"{name}_count{{{model}}}", GOOD) == GOOD, name
     batches = query(prometheus, f"sum(classifier_batch_size_sum{{{model}}})")
     assert list(batches.values()) == [GOOD]  # every good image went through one forward pass
-    for name in ("classifier_inference_seconds", "classifier_postprocess_seconds"):
-        assert query(prometheus, f"sum({name}_count{{{model}}})"), name
+    forwards = next(iter(query(prometheus, f"sum(classifier_batch_size_count{{{model}}})").values()))
+    assert 1 <= forwards <= GOOD  # batches of 1..GOOD images
+    for name in ("classifier_inference_seconds", "classifier_postprocess_seconds"):  # one per batch
+        assert list(query(prometheus, f"sum({name}_count{{{model}}})").values()) == [forwards], name
     confidence = query(prometheus, f"sum(classifier_top1_probability_sum{{{model}}}) / "
                                    f"sum(classifier_top1_probability_count{{{model}}})")
     assert 1 / 3 <= next(iter(confidence.values())) <= 1.0  # mean top-1 of 3 classes

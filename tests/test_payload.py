@@ -2,8 +2,8 @@ import base64
 
 import pytest
 
-from payload import UnsupportedMediaTypeError, parse_request, parse_topk
-from preprocessing import BadParameterError, ClientError, DecodeError
+from handler.payload import UnsupportedMediaTypeError, parse_request, parse_topk
+from handler.preprocessing import BadParameterError, ClientError, DecodeError
 
 pytestmark = pytest.mark.unit
 IMG = b"\xff\xd8\xff\xe0fake-jpeg-bytes"

@@ -1,6 +1,5 @@
 """Training, the predict CLI and archiving on real data (scikit-learn's digits scans)."""
 
-import argparse
 import json
 import shutil
 import zipfile
@@ -13,7 +12,7 @@ import requests
 import torch
 import yaml
 
-from scripts import make_digits
+from training.digits import write_digits
 from training import archive, predict, train
 from training.models import build_model
 
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.unit
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
-    make_digits.main(argparse.Namespace(output=root, size=32, seed=0))
+    write_digits(root, size=32, seed=0)
     return root
 
 
@@ -194,7 +193,7 @@ def test_int8_needs_labelled_calibration_images(trained, tmp_path):
 def test_served_int8_archive_answers_like_the_int8_model(trained, digits, tmp_path):
     """An int8 archive in a real TorchServe: same top-1 as ONNX Runtime in-process."""
     from conftest import running_server
-    from scripts.classify import list_images
+    from serving.inference import list_images
     from training.export import onnx_predictions
 
     out, _ = trained
@@ -276,3 +275,23 @@ def test_fast_path_head_scores_the_same_inside_the_full_model(digits, tmp_path):
     ckpt = torch.load(tuned / "checkpoint_best.pt", weights_only=True)
     assert ckpt["tta"] == ("flip" if tta["used"] else None)
     assert tta["val_accuracy"] == pytest.approx(metrics["best_val_accuracy"], abs=1.5 / len(val))
+
+
+def test_learning_curves_mark_the_best_epoch_and_keep_a_loss_spike_off_the_axis():
+    import matplotlib.pyplot as plt
+
+    from training.reports import learning_curves_figure
+    history = [{"epoch": e, "train_loss": tl, "val_loss": vl, "train_accuracy": ta, "val_accuracy": va}
+               for e, tl, vl, ta, va in [(1, 9.0, 8.0, 0.5, 0.6), (2, 0.4, 0.3, 0.9, 0.93),
+                                         (3, 0.3, 0.25, 0.95, 0.96), (4, 0.2, 0.28, 0.97, 0.95)]]
+    fig = learning_curves_figure(history)
+    loss, acc = fig.axes
+    for ax in (loss, acc):  # the dashed line at the best val epoch (3), not the last (4)
+        assert [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [3]
+    assert loss.get_ylim()[1] < 1.0  # the 9.0 spike does not flatten epochs 2-4
+    assert any("off the axis" in t.get_text() for t in loss.texts)
+    plt.close(fig)
+    calm = [dict(h, train_loss=0.5, val_loss=0.4) for h in history]
+    fig = learning_curves_figure(calm)
+    assert not fig.axes[0].texts
+    plt.close(fig)

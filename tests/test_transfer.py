@@ -13,8 +13,9 @@ from torch import nn
 from conftest import ROOT
 from handler.preprocessing import EvalTransform
 from training import weights as packaged
-from training.models import (build_model, canonical_arch, freeze_batchnorm_stats,
-                             pretrained_preprocessing, set_head, stages, train_last)
+from handler.architectures import FlipAverage, canonical_arch, load_trained
+from training.models import (build_model, freeze_batchnorm_stats, pretrained_preprocessing,
+                             set_head, stages, train_last)
 
 pytestmark = pytest.mark.unit
 
@@ -363,7 +364,6 @@ def test_flip_average_serves_the_mean_probability_in_every_form(tmp_path):
     probabilities, in eager, in the exported ONNX graph and after int8 quantization."""
     from handler.backends import make_runner
     from training.export import export_onnx, quantize_int8
-    from training.models import FlipAverage, load_trained
 
     torch.manual_seed(0)
     plain = build_model(LITE0, 3).eval()

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from scripts.serve import restored_models
-from scripts.ts_server import ROOT, TorchServe, model_names, read_properties, restartable, write_config
+from serving.server import (ROOT, TorchServe, model_names, read_properties, restartable,
+                            restored_models, write_config)
 
 pytestmark = pytest.mark.unit
 
@@ -24,7 +24,7 @@ def test_snapshot_properties_are_unescaped(tmp_path):
     assert json.loads(props["model_snapshot"]) == snapshot
     server = TorchServe(workdir=tmp_path, restore=True)
     assert server.last_snapshot().name == "20260102000000000-shutdown.cfg"
-    assert restored_models(server) == ["scenes", "digits"]
+    assert restored_models(server.last_snapshot()) == ["scenes", "digits"]
 
 
 def test_config_copy_overrides_and_absolute_paths(tmp_path):
@@ -42,13 +42,17 @@ def test_model_names_from_models_arguments():
 
 
 def test_server_never_rewrites_the_project_config(tmp_path):
-    before = (ROOT / "config.properties").read_text()
-    server = TorchServe(workdir=ROOT, overrides={"job_queue_size": "9"})
-    assert server.config_path == ROOT / "logs" / "ts.config.properties"
+    """The server's working directory may be the config's own folder (the repository root for
+    make serve): the overridden copy goes under its logs/, the config stays as it was."""
+    config = tmp_path / "config.properties"
+    config.write_text((ROOT / "config.properties").read_text())
+    before = config.read_text()
+    server = TorchServe(workdir=tmp_path, config=config, overrides={"job_queue_size": "9"})
+    assert server.config_path == tmp_path / "logs" / "ts.config.properties"
     assert read_properties(server.config_path)["job_queue_size"] == "9"
-    assert (ROOT / "config.properties").read_text() == before
+    assert config.read_text() == before
     with pytest.raises(ValueError, match="refusing"):
-        write_config(ROOT / "config.properties", ROOT / "config.properties", {})
+        write_config(config, config, {})
 
 
 def test_token_waits_for_a_key_file_being_written(tmp_path):
@@ -80,3 +84,27 @@ def test_restart_config_unescapes_the_snapshots_vmargs(tmp_path):
     assert lines[1:] == snapshot.read_text().splitlines()[1:]  # the frontend unescapes the rest
     snapshot.write_text("model_store=/abs/store\n")
     assert restartable(snapshot, tmp_path / "other.properties") == snapshot
+
+
+def test_key_file_is_read_one_way_by_every_client(tmp_path):
+    """serving.server.read_key: None without a file, a clear error for a missing API entry;
+    the management CLI reads the same file (the API key for renew-key)."""
+    from serving.server import ServerError, bearer, read_key
+    key_file = tmp_path / "key_file.json"
+    assert read_key(key_file, "inference") is None and bearer(key_file, "inference") == {}
+    key_file.write_text(json.dumps({"inference": {"key": "i"}, "API": {"key": "a"}}))
+    assert read_key(key_file, "API") == "a" and bearer(key_file, "inference") == {"Authorization": "Bearer i"}
+    with pytest.raises(ServerError, match="no 'management' key"):
+        read_key(key_file, "management")
+
+
+def test_start_refuses_an_archive_missing_from_the_store_before_launching(tmp_path):
+    """make serve MODEL=nope: the error names the store and what it holds; nothing is started."""
+    from serving.server import ServerError
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "digits.mar").write_bytes(b"")
+    ts = TorchServe(workdir=tmp_path / "work", model_store=tmp_path / "store", models=["nope=nope.mar"])
+    with pytest.raises(ServerError, match=r"no archive 'nope.mar' in the model store .*it has: digits.mar"):
+        ts.start()
+    assert ts.proc is None and not (tmp_path / "work" / "torchserve.pid").exists()
+

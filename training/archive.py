@@ -12,8 +12,8 @@ The archive holds:
     reads one;
   * ``model-config.yaml``: workers, batching, timeouts, device, and the handler settings
     (preprocessing from the checkpoint, default top-k, threads per worker, back-end);
-  * the handler and the modules it imports (``preprocessing.py``, ``postprocessing.py``,
-    ``payload.py``, ``backends.py``, ``models.py``).
+  * the ``handler/`` package, whole (its ``*.py`` files, nothing else), and its entry module
+    ``classifier_handler.py`` at the top level, where TorchServe's worker imports it.
 
 The default ``--backend auto`` measures instead of assuming (``training/backend_choice.py``):
 every candidate back-end is held to the accuracy gate (top-1 on ``--check-images`` labelled
@@ -43,14 +43,14 @@ import numpy as np
 import torch
 import yaml
 
+from handler.architectures import load_trained
 from handler.backends import BACKENDS, ONNX_FILES, default_threads
+from handler.settings import DEFAULT_RETAIN_HEAP_MB, DEFAULT_TOPK, HandlerSettings
 from training.backend_choice import AUTO_CANDIDATES, choose_backend
 
 ROOT = Path(__file__).resolve().parent.parent
-HANDLER = ROOT / "handler" / "classifier_handler.py"
-EXTRA_FILES = [ROOT / "handler" / "preprocessing.py", ROOT / "handler" / "postprocessing.py",
-               ROOT / "handler" / "payload.py", ROOT / "handler" / "backends.py",
-               ROOT / "training" / "models.py"]
+HANDLER_PACKAGE = ROOT / "handler"
+HANDLER = HANDLER_PACKAGE / "classifier_handler.py"  # the worker's entry module
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--archive-name", default=None,
                    help="file name without .mar (default: the model name); lets v2 sit beside v1")
     p.add_argument("--export-path", type=Path, default=ROOT / "model_store", help="where the .mar goes")
-    p.add_argument("--topk", type=int, default=5, help="default k when a request names none")
+    p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="default k when a request names none")
     p.add_argument("--batch-size", type=int, default=8, help="largest batch a worker is given")
     p.add_argument("--max-batch-delay", type=int, default=5,
                    help="ms the frontend waits to fill a batch")
@@ -75,7 +75,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--num-threads", type=int, default=0,
                    help="intra-op threads per worker, torch and ONNX Runtime "
                         "(0: the worker's CPUs / max-workers)")
-    p.add_argument("--retain-heap-mb", type=int, default=1024,
+    p.add_argument("--retain-heap-mb", type=int, default=DEFAULT_RETAIN_HEAP_MB,
                    help="free CPU heap (MiB) a worker keeps between batches instead of unmapping "
                         "it (handler/backends.retain_heap; 0: glibc's defaults)")
     p.add_argument("--device-type", choices=["cpu", "gpu"], default=None,
@@ -112,6 +112,16 @@ def model_config(args, preprocessing: dict) -> dict:
                       "retain_heap_mb": args.retain_heap_mb, "backend": args.backend,
                       "preprocessing": preprocessing}
     return cfg
+
+
+def check_handler_settings(config: dict) -> None:
+    """Parses ``config["handler"]`` as the worker will (``handler.settings``), so that an
+    archive the handler would refuse is never built.
+
+    Raises:
+        ValueError: the worker would refuse the section.
+    """
+    HandlerSettings.from_config(config["handler"])
 
 
 def calibration_dir(args, checkpoint: dict) -> Path:
@@ -213,8 +223,6 @@ def export_files(checkpoint: dict, dest: Path, args) -> dict:
         {str(i): name for i, name in enumerate(checkpoint["class_names"])}, indent=2))
     config = model_config(args, checkpoint["preprocessing"])
     if args.backend == "auto":
-        from training.models import load_trained
-
         model = load_trained(checkpoint["arch"], checkpoint["num_classes"], checkpoint.get("head"),
                              checkpoint["model"], checkpoint.get("tta"))
         try:
@@ -237,7 +245,6 @@ def export_files(checkpoint: dict, dest: Path, args) -> dict:
             files["onnx"] = dest / ONNX_FILES[backend]
     elif args.backend in ONNX_FILES:
         from training.export import export_onnx
-        from training.models import load_trained
 
         model = load_trained(checkpoint["arch"], checkpoint["num_classes"], checkpoint.get("head"),
                              checkpoint["model"], checkpoint.get("tta"))
@@ -249,6 +256,7 @@ def export_files(checkpoint: dict, dest: Path, args) -> dict:
             fp32 = export_onnx(model, crop, dest / "fp32.onnx.tmp")
             config["handler"]["quantization"] = export_int8(checkpoint, fp32, files["onnx"], args)
             fp32.unlink()
+    check_handler_settings(config)
     with open(files["config"], "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
     files["backend"] = config["handler"]["backend"]
@@ -269,7 +277,12 @@ def main(args) -> Path:
     mar = args.export_path / f"{args.archive_name or args.model_name}.mar"
     with tempfile.TemporaryDirectory() as tmp:
         files = export_files(checkpoint, Path(tmp), args)
-        extra = [str(p) for p in EXTRA_FILES] + [str(files["labels"])]
+        # torch-model-archiver copies a folder's contents, so the package goes in a folder of
+        # its own: <tmp>/code/handler -> <archive>/handler
+        code = Path(tmp) / "code"
+        shutil.copytree(HANDLER_PACKAGE, code / HANDLER_PACKAGE.name,
+                        ignore=lambda _, names: [n for n in names if not n.endswith(".py")])
+        extra = [str(code), str(files["labels"])]
         if "onnx" in files:
             extra.append(str(files["onnx"]))
         subprocess.run([sys.executable, "-m", "model_archiver.model_packaging",

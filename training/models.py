@@ -1,18 +1,12 @@
-"""Building classifiers from two model zoos, torchvision and timm, with a new head.
+"""Fine-tuning's side of the models: pretrained weights, their preprocessing, which stages train.
 
-Which zoo: ``timm/NAME`` is timm's ``NAME``; a plain name is torchvision's when torchvision
-has it (``densenet121``, ``vgg16``, ``resnet50``, ...), otherwise timm's
-(``tf_efficientnet_lite0``, ``convnext_atto``, ...). Names both zoos share (``resnet50``,
-``densenet121``, ``vgg16``, ...) therefore stay torchvision's unless spelt ``timm/resnet50``.
-Checkpoints store the resolved name (``canonical_arch``), so the rule is applied once.
-
-Shipped inside the model archive next to the handler (imported flat as ``models``), so the
-server rebuilds exactly the architecture that was trained. No TorchServe import here.
+The architectures themselves (the two zoos, ``canonical_arch``, the head, ``FlipAverage``,
+``load_trained``) live in ``handler/architectures.py``, which the model archive ships, so the
+worker rebuilds exactly what was trained.
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from typing import Optional
@@ -21,80 +15,10 @@ import torch
 import torchvision
 from torch import nn
 
+from handler.architectures import TIMM_PREFIX, canonical_arch, replace_head, timm_zoo
+from training.weights import load_packaged_weights
+
 logger = logging.getLogger(__name__)
-
-
-def make_head(in_features: int, num_classes: int, *, hidden_units: Optional[int] = None,
-              dropout: float = 0.0) -> nn.Module:
-    """The new classifier head.
-
-    Linear (``Dropout -> Linear`` when ``dropout > 0``), or one hidden layer:
-    ``Linear(in, hidden) -> ReLU -> Dropout -> Linear(hidden, num_classes)``.
-    Outputs logits float32 [B, num_classes].
-    """
-    if hidden_units:
-        return nn.Sequential(
-            nn.Linear(in_features, hidden_units),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_units, num_classes),
-        )
-    if dropout > 0:
-        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
-    return nn.Linear(in_features, num_classes)
-
-
-def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    """Finds the classifier: the last ``nn.Linear`` registered in the model.
-
-    That is ``classifier`` (DenseNet), ``classifier.6`` (VGG), ``fc`` (ResNet, RegNet),
-    ``heads.head`` (ViT), ``classifier.1`` (EfficientNet, MobileNet), ``classifier.2``
-    (ConvNeXt), ``head`` (Swin).
-
-    Raises:
-        ValueError: the model has no ``nn.Linear`` (e.g. SqueezeNet's conv classifier).
-    """
-    found = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            found = (name, module)
-    if found is None:
-        raise ValueError(
-            f"{type(model).__name__} has no nn.Linear classifier to replace; "
-            "choose another architecture"
-        )
-    return found
-
-
-TIMM_PREFIX = "timm/"
-
-
-def _timm():
-    import timm  # imported on demand: torchvision-only archives never need it
-    return timm
-
-
-def canonical_arch(arch: str) -> str:
-    """Resolves ``arch`` to its zoo: ``NAME`` (torchvision) or ``timm/NAME`` (timm).
-
-    Raises:
-        ValueError: neither zoo has the name; the message lists the closest names of both.
-    """
-    torchvision_names = torchvision.models.list_models(torchvision.models)
-    if not arch.startswith(TIMM_PREFIX) and arch in torchvision_names:
-        return arch
-    name = arch.removeprefix(TIMM_PREFIX)
-    timm_names = _timm().list_models()
-    if name in timm_names:
-        return TIMM_PREFIX + name
-    candidates = ([] if arch.startswith(TIMM_PREFIX) else torchvision_names) + \
-        [TIMM_PREFIX + n for n in timm_names]
-    close = difflib.get_close_matches(arch, candidates, n=8, cutoff=0.6)
-    close += [c for c in difflib.get_close_matches(TIMM_PREFIX + name, candidates, n=8,
-                                                   cutoff=0.6) if c not in close]
-    raise ValueError(f"unknown architecture {arch!r}: neither torchvision nor timm has it; "
-                     f"closest: {', '.join(close[:8]) or 'none'} (torchvision names plain, "
-                     f"timm names as timm/NAME or plain when torchvision lacks them)")
 
 
 def _resolve_weights(arch: str, weights: str):
@@ -119,10 +43,8 @@ def _create(arch: str, weights: str) -> nn.Module:
             raise ValueError(f"unknown weights {weights!r} for {arch}: use none, package, "
                              "DEFAULT (timm's pretrained tag, from the Hugging Face cache or "
                              "downloaded) or a local state_dict file")
-        model = _timm().create_model(name, pretrained=weights.lower() == "default")
+        model = timm_zoo().create_model(name, pretrained=weights.lower() == "default")
         if weights.lower() == "package":
-            # training only: the archive rebuilds models with weights="none"
-            from training.weights import load_packaged_weights
             logger.info("loaded ImageNet weights of %s from %s", arch,
                         load_packaged_weights(name, model))
         return model
@@ -131,17 +53,6 @@ def _create(arch: str, weights: str) -> nn.Module:
                          "use timm/tf_efficientnet_lite0 (or lite1, lite2), or DEFAULT with "
                          "the file in $TORCH_HOME/hub/checkpoints/")
     return torchvision.models.get_model(arch, weights=_resolve_weights(arch, weights))
-
-
-def _classifier(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The classifier to replace: timm's ``pretrained_cfg["classifier"]`` (``classifier``,
-    ``fc``, ``head.fc``), else the last ``nn.Linear`` (torchvision models)."""
-    name = getattr(model, "pretrained_cfg", {}).get("classifier")
-    if isinstance(name, str):  # a tuple (two heads, distilled models): the last Linear below
-        module = model.get_submodule(name)
-        if isinstance(module, nn.Linear):
-            return name, module
-    return _last_linear(model)
 
 
 def build_model(arch: str, num_classes: int, *, weights: str = "none",
@@ -181,11 +92,7 @@ def build_model(arch: str, num_classes: int, *, weights: str = "none",
         model.load_state_dict(state)
         logger.info("loaded backbone weights from %s", weights)
 
-    name, old = _classifier(model)
-    head = make_head(old.in_features, num_classes, hidden_units=hidden_units, dropout=dropout)
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, head)
-    model.head_name = name  # where the head sits (set_head); not part of the state_dict
+    head = replace_head(model, num_classes, hidden_units=hidden_units, dropout=dropout)
 
     if freeze_backbone:
         head_params = {id(p) for p in head.parameters()}
@@ -212,7 +119,7 @@ def pretrained_preprocessing(arch: str, weights: str) -> Optional[dict]:
     if weights.lower() == "none" or os.path.isfile(weights):
         return None
     if arch.startswith(TIMM_PREFIX):
-        cfg = _timm().models.get_pretrained_cfg(arch.removeprefix(TIMM_PREFIX))
+        cfg = timm_zoo().models.get_pretrained_cfg(arch.removeprefix(TIMM_PREFIX))
         if cfg is None:
             return None
         crop = int(cfg.input_size[-1])
@@ -299,50 +206,3 @@ def freeze_batchnorm_stats(model: nn.Module, *, all_norms: bool = False) -> None
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (all_norms or not any(
                 p.requires_grad for p in module.parameters())):
             module.eval()
-
-
-class FlipAverage(nn.Module):
-    """Test-time augmentation: each image and its left-right mirror, probabilities averaged.
-
-    Returns ``log(mean of the two softmaxes)``, float32 [N, C], so that the softmax the
-    handler applies gives exactly the averaged probabilities (finite: some class always has
-    probability >= 1/C). Two forward passes rather than one over a 2N batch: splitting the batch
-    again is a dynamic Reshape, which ONNX Runtime's shape inference for int8 cannot follow.
-    Used when training found that it raises val accuracy (``training/train.py --tta``).
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plain = torch.softmax(self.model(x).float(), dim=1)
-        mirrored = torch.softmax(self.model(x.flip(3)).float(), dim=1)
-        return torch.log((plain + mirrored) * 0.5)
-
-
-def load_trained(arch: str, num_classes: int, head: Optional[dict], state_dict: dict,
-                 tta: Optional[str] = None) -> nn.Module:
-    """Rebuilds a model trained by ``training/train.py`` from its saved parts.
-
-    Args:
-        arch, num_classes: as given to ``build_model``.
-        head: ``{"hidden_units", "dropout"}`` of the head (None/{}: a plain Linear).
-        state_dict: the trained weights.
-        tta: ``"flip"``: wrap in ``FlipAverage``; None: the model as trained.
-
-    Returns:
-        The model in eval mode, on CPU, fp32: float32 [N, 3, H, W] -> logits (or, with
-        ``tta``, log-probabilities) float32 [N, num_classes].
-
-    Raises:
-        RuntimeError: ``state_dict`` does not fit the rebuilt model.
-        ValueError: unknown ``tta``.
-    """
-    head = head or {}
-    model = build_model(arch, num_classes, hidden_units=head.get("hidden_units"),
-                        dropout=head.get("dropout", 0.0))
-    model.load_state_dict(state_dict)
-    if tta not in (None, "flip"):
-        raise ValueError(f"unknown tta {tta!r}: None or 'flip'")
-    return (FlipAverage(model) if tta == "flip" else model).eval()

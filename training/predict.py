@@ -15,7 +15,7 @@ import torch
 
 from handler.postprocessing import format_topk, topk_records
 from handler.preprocessing import ClientError, EvalTransform
-from training.models import load_trained
+from handler.architectures import load_trained
 from training.train import resolve_device
 
 

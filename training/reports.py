@@ -15,22 +15,42 @@ from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confu
 
 
 def plot_learning_curves(history: list[dict], path: Path) -> None:
-    """Loss and accuracy per epoch, train vs val, as a PNG."""
+    """``learning_curves_figure`` saved as a PNG."""
+    fig = learning_curves_figure(history)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def learning_curves_figure(history: list[dict]):
+    """Loss and accuracy per epoch, train vs val (a matplotlib Figure, two Axes).
+
+    The epoch with the best val accuracy (the one ``checkpoint_best.pt`` keeps) is marked on both
+    panels. A first-epoch loss more than twice every later one (a warm-up spike) is left off the
+    loss axis, with its value written at the top, so that it does not flatten the rest.
+    """
     epochs = [h["epoch"] for h in history]
+    best = max(history, key=lambda h: h["val_accuracy"])
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for split in ("train", "val"):
         ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], marker="o", label=split)
         ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], marker="o", label=split)
+    losses = [[h[f"{split}_loss"] for split in ("train", "val")] for h in history]
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    if len(history) > 2 and max(losses[0]) > 2 * max(max(later) for later in losses[1:]):
+        top = 1.15 * max(max(later) for later in losses[1:])
+        ax_loss.set_ylim(0, top)
+        ax_loss.annotate(f"epoch {epochs[0]}: {max(losses[0]):.2f} (off the axis)",
+                         (epochs[0], top), xytext=(4, -12), textcoords="offset points", fontsize=8)
     lowest = min(h[f"{split}_accuracy"] for h in history for split in ("train", "val"))
     ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="Accuracy",
                ylim=(max(0.0, lowest - 0.05), 1.0))  # pretrained runs live between 0.9 and 1
     for ax in (ax_loss, ax_acc):
+        ax.axvline(best["epoch"], color="gray", linestyle="--",
+                   label=f"best val: epoch {best['epoch']} ({best['val_accuracy']:.3f})")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def plot_head_fit(table: list[dict], path: Path) -> None:

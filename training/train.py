@@ -36,8 +36,9 @@ from handler.preprocessing import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from training.data import make_datasets
 from training.features import (DEFAULT_CS, cached_features, fit_linear_head, refit_linear_head,
                                weights_digest)
-from training.models import (FlipAverage, build_model, canonical_arch, freeze_batchnorm_stats,
-                             pretrained_preprocessing, set_head, train_last)
+from handler.architectures import FlipAverage, canonical_arch
+from training.models import (build_model, freeze_batchnorm_stats, pretrained_preprocessing,
+                             set_head, train_last)
 from training.presets import ClassificationPresetTrain
 from training.reports import plot_head_fit, plot_learning_curves, write_test_report
 

@@ -5,12 +5,15 @@
  *    run(): BatchAggregator.getRequest(String, WorkerState) -> GracefulScaleDown.getRequest(...)
  *    shutdown(): GracefulScaleDown.drain(this) at entry.
  * 2. HttpRequestHandler.channelRead0: a missing or wrong token (InvalidKeyException) is answered
- *    401 Unauthorized instead of 400 Bad Request (NettyUtils.sendError -> Agent.sendError).
+ *    401 Unauthorized instead of 400 Bad Request, and registering a url that is a path rather than
+ *    an archive name in the model store ("Model file already exists", 0.12's 500) 400 Bad Request
+ *    (NettyUtils.sendError -> Agent.sendError, there and in ManagementRequestHandler.sendResponse,
+ *    which answers registration failures).
  * 3. Model.pollBatch: a request arriving at an idle model is dispatched without waiting
  *    maxBatchDelay for company (IdleDispatch; the read of the maxBatchDelay field ->
  *    IdleDispatch.maxBatchDelay(this)).
  *
- * Loaded with -javaagent:build/ts-patches.jar (scripts/ts_server.py sets JAVA_TOOL_OPTIONS).
+ * Loaded with -javaagent:build/ts-patches.jar (serving/server.py sets JAVA_TOOL_OPTIONS).
  */
 package tspatches;
 
@@ -25,12 +28,14 @@ import org.objectweb.asm.ClassWriter;
 import org.objectweb.asm.MethodVisitor;
 import org.objectweb.asm.Opcodes;
 import org.pytorch.serve.archive.model.InvalidKeyException;
+import org.pytorch.serve.http.InternalServerException;
 import org.pytorch.serve.util.NettyUtils;
 
 public final class Agent implements ClassFileTransformer {
     static final String WORKER = "org/pytorch/serve/wlm/WorkerThread";
     static final String HTTP = "org/pytorch/serve/http/HttpRequestHandler";
     static final String MODEL = "org/pytorch/serve/wlm/Model";
+    static final String MANAGEMENT = "org/pytorch/serve/http/api/rest/ManagementRequestHandler";
     static final String DRAIN = "org/pytorch/serve/wlm/GracefulScaleDown";
     static final String IDLE = "org/pytorch/serve/wlm/IdleDispatch";
     static final String AGGREGATOR = "org/pytorch/serve/wlm/BatchAggregator";
@@ -46,11 +51,30 @@ public final class Agent implements ClassFileTransformer {
         inst.addTransformer(new Agent());
     }
 
-    /** NettyUtils.sendError, with InvalidKeyException answered 401. */
+    /** A registration url that is not an archive file name in the model store. */
+    public static final class BadModelUrlException extends Exception {
+        BadModelUrlException(String message) {
+            super(message);
+        }
+    }
+
+    /**
+     * NettyUtils.sendError, with InvalidKeyException answered 401 and a registration url that
+     * points at the model store's own files (an absolute path, "/") answered 400: TorchServe
+     * 0.12 "downloads" such a url onto the archive it names and fails with an
+     * InternalServerException "Model file already exists".
+     */
     public static void sendError(
             ChannelHandlerContext ctx, HttpResponseStatus status, Throwable t) {
         if (t instanceof InvalidKeyException) {
             status = HttpResponseStatus.UNAUTHORIZED;
+        } else if (t instanceof InternalServerException
+                && t.getMessage() != null
+                && t.getMessage().startsWith("Model file already exists")) {
+            status = HttpResponseStatus.BAD_REQUEST;
+            t = new BadModelUrlException(
+                    "url must be the file name of an archive in the model store (e.g."
+                            + " scenes.mar), not a path or URL (" + t.getMessage() + ")");
         }
         NettyUtils.sendError(ctx, status, t);
     }
@@ -62,7 +86,8 @@ public final class Agent implements ClassFileTransformer {
             Class<?> redefined,
             ProtectionDomain domain,
             byte[] bytes) {
-        if (!WORKER.equals(name) && !HTTP.equals(name) && !MODEL.equals(name)) {
+        if (!WORKER.equals(name) && !HTTP.equals(name) && !MODEL.equals(name)
+                && !MANAGEMENT.equals(name)) {
             return null;
         }
         try {
@@ -119,7 +144,8 @@ public final class Agent implements ClassFileTransformer {
                                     }
                                 };
                             }
-                            if (HTTP.equals(name) && method.equals("channelRead0")) {
+                            if ((HTTP.equals(name) && method.equals("channelRead0"))
+                                    || (MANAGEMENT.equals(name) && method.equals("sendResponse"))) {
                                 return new MethodVisitor(Opcodes.ASM9, mv) {
                                     @Override
                                     public void visitMethodInsn(int op, String owner, String m, String d, boolean itf) {

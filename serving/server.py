@@ -1,6 +1,6 @@
 """Start a TorchServe (Java frontend + Python workers), wait for READY workers, stop it.
 
-Used by ``scripts/serve.py`` (the CLI), the demo and the e2e test fixture.
+Used by ``python -m scripts.serve`` (the CLI), the demo and the e2e test fixture.
 
 Each server runs in its own working directory (``key_file.json``, ``logs/``, and a private
 ``TMPDIR`` so that TorchServe's ``.model_server.pid`` of one server never stops another) and
@@ -29,12 +29,52 @@ ROOT = Path(__file__).resolve().parent.parent
 # Java agent fixing TorchServe 0.12's frontend (graceful scale-down, 401 for bad tokens);
 # built by `make setup` from scripts/ts_patches/.
 PATCHES_JAR = ROOT / "build" / "ts-patches.jar"
+LOG_FILES = ("ts_log.log", "model_log.log")
+# what TorchServe 0.12's frontend logs when a model given at startup cannot be loaded
+LOAD_FAILURE = re.compile(r"ModelNotFoundException|InvalidModelException|DownloadArchiveException|"
+                          r"ModelException|Failed to (?:load|register|unpack) model")
+WORKER_ERROR = re.compile(r"^\S+ \[\w+ *\] \S+ MODEL_LOG - \w+(?:\.\w+)*(?:Error|Exception)\b")
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address",
                 "metrics": "metrics_address"}
 
 
 class ServerError(RuntimeError):
     """TorchServe failed to start, died, or its workers did not become READY in time."""
+
+
+def read_key(key_file: Path, api: str, wait_s: float = 5.0) -> Optional[str]:
+    """The bearer key of ``api`` (``inference`` or ``management``) from TorchServe's
+    ``key_file.json``, or None when there is no key file (token authorization off).
+
+    TorchServe writes the file while it starts and rewrites it when keys are renewed
+    (``token_expiration_min``); an empty or partial file is read again every 0.1 s for up to
+    ``wait_s`` s until it parses. The one reader of the key file: the server fixture, the
+    management and inference clients all call it.
+
+    Raises:
+        ServerError: the file does not parse within ``wait_s`` s, or has no ``api`` key.
+    """
+    key_file = Path(key_file)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            text = key_file.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(text)[api]["key"]
+        except json.JSONDecodeError as exc:
+            if time.monotonic() > deadline:
+                raise ServerError(f"{key_file} does not parse: {exc}") from None
+            time.sleep(0.1)
+        except (KeyError, TypeError):
+            raise ServerError(f"{key_file} has no {api!r} key") from None
+
+
+def bearer(key_file: Path, api: str) -> dict[str, str]:
+    """``{"Authorization": "Bearer <key>"}`` for ``api``, or {} without a key file."""
+    key = read_key(key_file, api)
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 _ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
@@ -129,6 +169,7 @@ class TorchServe:
 
     def __post_init__(self):
         self.workdir = Path(self.workdir).resolve()
+        self._log_start: dict[str, int] = {}
         self.log_dir.mkdir(parents=True, exist_ok=True)
         # the copy lives under logs/ (git-ignored): workdir may be the repository root
         self.config_path = write_config(self.config, self.log_dir / "ts.config.properties",
@@ -152,8 +193,14 @@ class TorchServe:
         """Launches ``torchserve --start --foreground`` in a new session, detached from us.
 
         Raises:
-            ServerError: ``restore`` is set but there is no snapshot to restore.
+            ServerError: ``restore`` is set but there is no snapshot to restore, or a
+                ``--models`` archive is not in the model store (checked here, in
+                milliseconds, rather than left to the frontend, which logs the failure and
+                keeps running without the model).
         """
+        self.check_models()
+        self._log_start = {name: path.stat().st_size for name in LOG_FILES
+                           if (path := self.log_dir / name).is_file()}
         env = dict(os.environ, TMPDIR=str(self.workdir), TEMP=str(self.workdir),
                    LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir),
                    **self.env)
@@ -179,6 +226,18 @@ class TorchServe:
         (self.workdir / "torchserve.pid").write_text(str(self.proc.pid))
         return self
 
+    def check_models(self) -> None:
+        """Raises ServerError when a ``models`` entry names an archive the store lacks."""
+        store = Path(self.model_store)
+        for entry in [] if self.restore else self.models:
+            archive = entry.split("=", 1)[-1]
+            if "://" in archive or (store / archive).exists():
+                continue
+            present = sorted(p.name for p in store.glob("*.mar")) if store.is_dir() else []
+            raise ServerError(f"no archive {archive!r} in the model store {store} (for "
+                              f"--models {entry}); it has: {', '.join(present) or 'no .mar files'}"
+                              ". Build one with .venv/bin/python -m training.archive, or make demo.")
+
     def token(self, api: str = "management") -> str:
         """The bearer key for ``inference`` or ``management`` from ``key_file.json``.
 
@@ -189,35 +248,54 @@ class TorchServe:
             ServerError: no key file (token authorization disabled, or not started yet), or
                 one that does not parse within 5 s.
         """
-        key_file = self.workdir / "key_file.json"
-        if not key_file.is_file():
-            raise ServerError(f"no {key_file}: is TorchServe running with token authorization?")
-        deadline = time.monotonic() + 5.0
-        while True:
-            try:
-                return json.loads(key_file.read_text())[api]["key"]
-            except json.JSONDecodeError as exc:
-                if time.monotonic() > deadline:
-                    raise ServerError(f"{key_file} does not parse: {exc}") from None
-                time.sleep(0.1)
+        key = read_key(self.workdir / "key_file.json", api)
+        if key is None:
+            raise ServerError(f"no {self.workdir / 'key_file.json'}: is TorchServe running "
+                              "with token authorization?")
+        return key
 
     def headers(self, api: str = "management") -> dict[str, str]:
         """``Authorization`` header for the API, or {} when token authorization is off."""
-        try:
-            return {"Authorization": f"Bearer {self.token(api)}"}
-        except ServerError:
-            return {}
+        return bearer(self.workdir / "key_file.json", api)
+
+    def new_log_lines(self, name: str) -> list[str]:
+        """Lines ``name`` (``ts_log.log``, ``model_log.log``) gained since ``start()``."""
+        path = self.log_dir / name
+        if not path.is_file():
+            return []
+        with open(path, "rb") as f:
+            f.seek(self._log_start.get(name, 0) if path.stat().st_size >= self._log_start.get(name, 0) else 0)
+            return f.read().decode(errors="replace").splitlines()
 
     def log_tail(self, lines: int = 60) -> str:
-        """The last lines of the frontend and worker logs (no access log), for error messages."""
+        """The last lines this run added to the frontend and worker logs (no access log)."""
         parts = []
-        for name in ("ts_log.log", "model_log.log"):
-            path = self.log_dir / name
-            if path.is_file():
-                text = [line for line in path.read_text(errors="replace").splitlines()
-                        if "ACCESS_LOG" not in line][-lines:]
-                parts.append(f"--- {path} (last {len(text)} lines)\n" + "\n".join(text))
-        return "\n".join(parts) or f"(no logs in {self.log_dir})"
+        for name in LOG_FILES:
+            text = [line for line in self.new_log_lines(name) if "ACCESS_LOG" not in line][-lines:]
+            if text:
+                parts.append(f"--- {self.log_dir / name} (last {len(text)} lines of this run)\n"
+                             + "\n".join(text))
+        return "\n".join(parts) or f"(nothing logged in {self.log_dir} by this run)"
+
+    def load_failure(self, model: str) -> Optional[str]:
+        """Why ``model`` cannot load in this run, from the frontend's log, or None (yet).
+
+        Either the frontend refused the archive (``LOAD_FAILURE``), or its workers died while
+        loading it twice (the first start and TorchServe's first retry): then the answer is the
+        last error line the worker printed (its traceback's last line).
+        """
+        lines = self.new_log_lines("ts_log.log")
+        refused = next((line for line in lines if LOAD_FAILURE.search(line)), None)
+        if refused:
+            return refused.strip()
+        # each failure is logged twice (two appenders), with one timestamp
+        died = {line.split(" [", 1)[0] for line in lines if f"Load model failed: {model}," in line}
+        if len(died) < 2:
+            return None
+        errors = [line.split("MODEL_LOG - ", 1)[1] for line in lines
+                  if "MODEL_LOG - " in line and WORKER_ERROR.search(line)]
+        return (f"its workers died while loading it ({len(died)} times); last worker error: "
+                f"{errors[-1] if errors else 'none logged'}")
 
     def workers(self, model: str) -> list[dict]:
         """Workers of a model's default version, from the management API ([] if unknown)."""
@@ -246,6 +324,10 @@ class TorchServe:
                     continue
             except (requests.ConnectionError, requests.Timeout):
                 pass
+            failure = self.load_failure(pending[0])
+            if failure:
+                raise ServerError(f"TorchServe could not load {pending}: {failure.strip()}\n"
+                                  + self.log_tail())
             if time.monotonic() > deadline:
                 raise ServerError(f"workers of {pending} not READY after {timeout_s:.0f} s\n"
                                   + self.log_tail())
@@ -257,6 +339,19 @@ class TorchServe:
         if self.proc is not None:
             self.proc.wait(timeout=5)
             self.proc = None
+        remove_empty_model_dirs(self.workdir)
+
+
+def remove_empty_model_dirs(workdir: Path) -> None:
+    """Removes the empty ``models/<id>/`` folders (and ``models/`` itself when empty) that
+    TorchServe leaves in its ``TMPDIR`` after an archive failed to load."""
+    models = Path(workdir) / "models"
+    if models.is_dir():
+        for folder in models.iterdir():
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        if not any(models.iterdir()):
+            models.rmdir()
 
 
 def stop_pid_file(pid_file: Path, timeout_s: float = 30.0) -> bool:
@@ -304,3 +399,9 @@ def model_names(models: list[str]) -> list[str]:
     """Model names from ``--models`` arguments (``name=file.mar`` or ``file.mar``)."""
     return [m.split("=", 1)[0] if "=" in m else re.sub(r"\.mar$", "", Path(m).name)
             for m in models]
+
+
+def restored_models(snapshot: Path) -> list[str]:
+    """Model names recorded in a TorchServe config snapshot (``model_snapshot``)."""
+    snapshot_json = json.loads(read_properties(snapshot).get("model_snapshot") or "{}")
+    return list(snapshot_json.get("models", {}))

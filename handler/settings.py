@@ -1,0 +1,85 @@
+"""The handler's settings: the ``handler:`` section of the archive's ``model-config.yaml``,
+parsed once into a typed object, every default in this file.
+
+A misspelt key is an error at load time that names the key and the accepted ones, not a
+setting silently left at its default. ``training/archive.py`` writes the section from these
+defaults, so the two sides cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+from handler.backends import BACKENDS, TORCH_BACKENDS
+from handler.preprocessing import EvalTransform
+
+DEFAULT_TOPK = 5
+# Free CPU heap (MiB) a worker keeps between batches (handler/backends.retain_heap): the
+# figures behind 1024 are in docs/performance.md ("worker heap").
+DEFAULT_RETAIN_HEAP_MB = 1024
+
+
+@dataclass(frozen=True)
+class HandlerSettings:
+    """The ``handler:`` section of ``model-config.yaml``.
+
+    Attributes:
+        preprocessing: the one ``EvalTransform`` (crop_size, resize_size, mean, std,
+            interpolation), written by the archive step from the checkpoint. Required.
+        topk: default k (int >= 1) when a request names none.
+        num_threads: intra-op threads per worker, torch and ONNX Runtime. 0: the worker's CPUs
+            divided by ``maxWorkers`` (at least 1; ``backends.default_threads``).
+        backend: one of ``backends.BACKENDS``; ONNX Runtime back-ends read the archive's
+            ``model.onnx`` / ``model.int8.onnx``.
+        gpu_backends: torch back-ends that passed the archive's accuracy gate (``--backend
+            auto``); a CUDA worker times these at load and serves the fastest. None: the CPU
+            choice (``backend``) applies everywhere.
+        retain_heap_mb: free CPU heap (MiB) kept for the next batch instead of being unmapped
+            (``backends.retain_heap``); 0 leaves glibc's defaults.
+        backend_selection, quantization: the archive step's record of why this back-end (its
+            timings and accuracy gate). Read by people, not by the handler.
+    """
+
+    preprocessing: EvalTransform
+    topk: int = DEFAULT_TOPK
+    num_threads: int = 0
+    backend: str = "eager"
+    gpu_backends: Optional[tuple[str, ...]] = None
+    retain_heap_mb: int = DEFAULT_RETAIN_HEAP_MB
+    backend_selection: Optional[dict] = None
+    quantization: Optional[dict] = None
+
+    @classmethod
+    def from_config(cls, section: Any) -> "HandlerSettings":
+        """Parses and validates the ``handler:`` section.
+
+        Raises:
+            ValueError: not a mapping, an unknown key (the message names it and the accepted
+                keys), ``preprocessing`` missing, or a value of the wrong type or range.
+        """
+        if not isinstance(section, dict):
+            raise ValueError("model-config.yaml needs a handler: section (a mapping) with at "
+                             "least preprocessing (see training/archive.py)")
+        accepted = [f.name for f in fields(cls)]
+        unknown = sorted(set(section) - set(accepted))
+        if unknown:
+            raise ValueError(f"model-config.yaml handler: unknown key(s) {unknown}; accepted: "
+                             f"{accepted}")
+        if "preprocessing" not in section:
+            raise ValueError("model-config.yaml needs handler.preprocessing (see training/archive.py)")
+        values = dict(section)
+        values["preprocessing"] = EvalTransform.from_dict(section["preprocessing"])
+        for name, low in (("topk", 1), ("num_threads", 0), ("retain_heap_mb", 0)):
+            if name in values:
+                value = values[name]
+                if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                    raise ValueError(f"handler.{name} must be an integer >= {low}, got {value!r}")
+        if values.get("backend", cls.backend) not in BACKENDS:
+            raise ValueError(f"handler.backend {values['backend']!r} is not one of {BACKENDS}")
+        gpu = values.get("gpu_backends")
+        if gpu is not None:
+            if not isinstance(gpu, (list, tuple)) or not set(gpu) <= set(TORCH_BACKENDS):
+                raise ValueError(f"handler.gpu_backends {gpu!r} must be a list among {TORCH_BACKENDS}")
+            values["gpu_backends"] = tuple(gpu)
+        return cls(**values)

@@ -1,0 +1,251 @@
+"""Throughput and latency of the served model against its in-process limit and the stock handler.
+
+    python -m scripts.benchmark --checkpoint runs/intel-scenes/checkpoint_best.pt \\
+        [--images ../shared/data/intel-scenes/test] [--concurrency 1 2 4 8 16 32] [--requests 400] \\
+        [--backends eager onnxruntime onnxruntime-int8 bf16] [--serve eager onnxruntime-int8] \\
+        [--crop-size 224 --resize-size 256] [--stock]
+
+For each back-end in ``--backends`` (``handler/backends.py``) the archive step builds a model
+archive (``training/archive.py --backend``; ONNX export and int8 calibration happen there), and:
+  1. in-process limit: the archive's runner on already preprocessed tensors at batch 1 and at
+     ``--batch-size``, ``--threads`` intra-op threads, no server, with the worker's heap setting
+     (``--retain-heap-mb``, applied to this process too); plus its warm-up cost (runner
+     construction + first calls) and its top-1 accuracy on ``--accuracy-dir`` (skipped when
+     ``--crop-size`` serves at another resolution than the model was trained at);
+Then one real TorchServe serves the ``--serve`` archives (our handler, batchSize
+``--batch-size``, maxBatchDelay ``--max-batch-delay``, ``--workers`` x ``--threads``) and, with
+``--stock``, TorchServe's stock ``image_classifier`` handler on the same weights with default
+settings (batchSize 1, one worker per core, Resize 256 / CenterCrop 224). Each is swept over
+``--concurrency``: real photos sent as raw bodies over loopback HTTP; per point throughput
+(images/s), p50/p90/p99 latency (ms), errors and mean queue time (ms, TorchServe's
+``ts_queue_latency_microseconds``).
+
+Writes ``benchmark.json`` and ``benchmark.md`` to ``--output-dir`` and prints the ratios:
+served eager peak / eager in-process limit, default back-end / stock at concurrency 8 (with both
+p99s), best back-end limit / eager limit, and p50 at concurrency 1 against the batch-1 forward
+time. Bounded (a fixed request count per point), loopback only. Figures only: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+from handler.backends import ONNX_FILES, make_runner, retain_heap
+from serving.inference import list_images
+from serving.load import sweep_point
+from serving.server import TorchServe, server_overrides
+from serving.stock import STOCK, build_stock_archive
+from training import archive
+from training.data import image_folder
+from training.predict import load_classifier
+
+DEFAULT_BACKEND = "onnxruntime-int8"  # the back-end the archive's auto choice picks on these CPUs
+
+
+def timed_runner(backend: str, checkpoint: Path, model_dir: Path, threads: int, batch: torch.Tensor):
+    """(runner, warm-up seconds): the handler's runner built from the archive's files."""
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = None
+    if backend not in ONNX_FILES:
+        model, _, _ = load_classifier(checkpoint, torch.device("cpu"))
+    runner = make_runner(backend, model, onnx_path=str(model_dir / ONNX_FILES.get(backend, "")),
+                         num_threads=threads, example=batch)
+    with torch.inference_mode():
+        runner(batch[:1])
+        runner(batch)
+    return runner, round(time.perf_counter() - start, 2)
+
+
+def in_process_limit(runner, batch: torch.Tensor, seconds: float) -> dict:
+    """Forward-pass throughput (images/s) and ms per batch at batch 1 and ``len(batch)``."""
+    out = {}
+    for bs in sorted({1, len(batch)}):
+        x = batch[:bs]
+        with torch.inference_mode():
+            runner(x)
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                runner(x)
+                n += 1
+            elapsed = time.perf_counter() - start
+        out[bs] = {"images_per_s": round(n * bs / elapsed, 2), "ms_per_batch": round(1000 * elapsed / n, 2)}
+    return out
+
+
+def accuracy(runner, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+    """Top-1 accuracy in percent of ``runner`` on preprocessed ``images``."""
+    with torch.inference_mode():
+        preds = torch.cat([runner(images[i:i + batch_size].contiguous(memory_format=torch.channels_last))
+                           .argmax(1) for i in range(0, len(images), batch_size)])
+    return round(100 * (preds == labels).float().mean().item(), 2)
+
+
+def to_markdown(result: dict) -> str:
+    cfg = result["config"]
+    lines = [f"Model `{cfg['arch']}` {cfg['crop_size']} px ({cfg['images']} photos cycled), "
+             f"batchSize {cfg['batch_size']}, maxBatchDelay {cfg['max_batch_delay']} ms, "
+             f"{cfg['workers']} worker(s) x {cfg['threads']} threads. Stock: image_classifier, "
+             "TorchServe defaults.", "",
+             f"| back-end | batch 1 images/s (ms) | batch {cfg['batch_size']} images/s (ms) "
+             "| vs eager | warm-up s | archive s | top-1 % |", "|---|---|---|---|---|---|---|"]
+    eager = result["backends"].get("eager", {}).get("limit", {}).get(str(cfg["batch_size"]))
+    for name, b in result["backends"].items():
+        one, full = b["limit"]["1"], b["limit"][str(cfg["batch_size"])]
+        vs = f"{full['images_per_s'] / eager['images_per_s']:.2f}x" if eager else "-"
+        lines.append(f"| {name} | {one['images_per_s']} ({one['ms_per_batch']}) | {full['images_per_s']} "
+                     f"({full['ms_per_batch']}) | {vs} | {b['warmup_s']} | {b['archive_s']} "
+                     f"| {b.get('accuracy', 'n/a')} |")
+    for label, sweep in result["sweeps"].items():
+        lines += ["", f"Served: `{label}`"]
+        again = result["backends"].get(label.removeprefix("ours:"), {}).get("limit_at_sweep")
+        if again:
+            lines.append(f"(in-process next to this sweep: batch 1 {again['1']['images_per_s']} images/s "
+                         f"({again['1']['ms_per_batch']} ms), batch {cfg['batch_size']} "
+                         f"{again[str(cfg['batch_size'])]['images_per_s']} images/s)")
+        lines += ["", "| concurrency | images/s | p50 ms | p90 ms | p99 ms | queue ms | errors "
+                  "| preprocess ms/image | inference ms/batch | images/batch | model busy % "
+                  "| client CPU ms/request |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {p['concurrency']} | {p['images_per_s']} | {p['p50_ms']} | {p['p90_ms']} | {p['p99_ms']} "
+                  f"| {p['queue_ms_mean']} | {p['errors']} | {p.get('preprocess_ms_mean', '-')} "
+                  f"| {p.get('inference_ms_per_batch', '-')} | {p.get('images_per_batch', '-')} "
+                  f"| {round(100 * p['model_busy'], 1) if 'model_busy' in p else '-'} "
+                  f"| {p['client_cpu_ms_per_request']} |" for p in sweep]
+    lines += ["", "Ratios:"] + [f"- {k}: {v}" for k, v in result["ratios"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def ratios(result: dict, batch_size: int) -> dict:
+    """The goals' figures, computed from one run's numbers."""
+    out, bs = {}, str(batch_size)
+    limits, sweeps = result["backends"], result["sweeps"]
+
+    def at(label, c):
+        return next((p for p in sweeps.get(label, []) if p["concurrency"] == c), None)
+    for label, sweep in sweeps.items():
+        backend = label.split(":", 1)[-1]
+        if backend in limits:
+            limit = limits[backend].get("limit_at_sweep", limits[backend]["limit"])
+            peak = max(p["images_per_s"] for p in sweep)
+            out[f"{label} peak / in-process limit"] = round(peak / limit[bs]["images_per_s"], 2)
+            c1 = at(label, 1)
+            if c1:
+                out[f"{label} p50 at concurrency 1 - batch-1 forward (ms)"] = round(
+                    c1["p50_ms"] - limit["1"]["ms_per_batch"], 1)
+    for label in sweeps:
+        ours, stock = at(label, 8), at(STOCK, 8)
+        if label != STOCK and ours and stock:
+            out[f"{label} / stock at concurrency 8"] = round(ours["images_per_s"] / stock["images_per_s"], 2)
+            out[f"{label} p99 / stock p99 at concurrency 8"] = round(ours["p99_ms"] / stock["p99_ms"], 2)
+    if "eager" in limits:
+        base = limits["eager"]["limit"][bs]["images_per_s"]
+        for name, b in limits.items():
+            if name != "eager":
+                out[f"{name} in-process / eager in-process (batch {bs})"] = round(b["limit"][bs]["images_per_s"] / base, 2)
+    return out
+
+
+def run(args) -> dict:
+    """Runs the benchmark ``scripts/benchmark.py``'s arguments describe.
+
+    Returns:
+        ``{"backends": {name: {"archive_s", "warmup_s", "limit", "accuracy"?,
+        "limit_at_sweep"?}}, "sweeps": {label: [point, ...]}, "config", "ratios"}``, also
+        written to ``benchmark.json`` and ``benchmark.md`` in ``args.output_dir``.
+    """
+    paths = [p for p, _ in list_images(args.images)][: args.max_images]
+    if not paths:
+        raise SystemExit(f"no images under {args.images}")
+    images = [p.read_bytes() for p in paths]
+    # the limit runs with the allocator setting the workers get, so that the ratio compares
+    # serving, not allocators
+    retain_heap(args.retain_heap_mb)
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    trained_at = ckpt["preprocessing"]
+    result = {"backends": {}, "sweeps": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        checkpoint = args.checkpoint
+        if args.crop_size:  # serve at another resolution: speed only, accuracy not comparable
+            ckpt["preprocessing"] = {**trained_at, "crop_size": args.crop_size,
+                                     "resize_size": args.resize_size or args.crop_size}
+            checkpoint = tmp / "checkpoint.pt"
+            torch.save(ckpt, checkpoint)
+        _, _, transform = load_classifier(checkpoint, torch.device("cpu"))
+        batch = torch.stack([transform.load(images[i % len(images)]) for i in range(args.batch_size)]
+                            ).contiguous(memory_format=torch.channels_last)
+        scored = None
+        if args.accuracy_dir and args.accuracy_dir.is_dir() and not args.crop_size:
+            folder = image_folder(args.accuracy_dir, transform, transform.resize_size)
+            scored = (torch.stack([img for img, _ in folder]), torch.tensor(folder.targets))
+        store = tmp / "store"
+        models, runners = [], {}
+        for backend in args.backends:
+            name = f"bench-{backend}"
+            start = time.perf_counter()
+            extra = ["--calibration-dir", str(args.calibration_dir)] if args.calibration_dir else []
+            mar = archive.main(archive.get_args_parser().parse_args([
+                "--checkpoint", str(checkpoint), "--model-name", name, "--export-path", str(store),
+                "--backend", backend, "--batch-size", str(args.batch_size),
+                "--max-batch-delay", str(args.max_batch_delay), "--min-workers", str(args.workers),
+                "--max-workers", str(args.workers), "--num-threads", str(args.threads),
+                "--retain-heap-mb", str(args.retain_heap_mb), *extra]))
+            archive_s = round(time.perf_counter() - start, 2)
+            model_dir = tmp / "unpacked" / backend
+            zipfile.ZipFile(mar).extractall(model_dir)
+            runner, warmup_s = timed_runner(backend, checkpoint, model_dir, args.threads, batch)
+            entry = {"archive_s": archive_s, "warmup_s": warmup_s,
+                     "limit": in_process_limit(runner, batch, args.limit_seconds)}
+            if scored is not None:
+                entry["accuracy"] = accuracy(runner, *scored, args.batch_size)
+            print(f"{backend}: {json.dumps(entry)}", flush=True)
+            result["backends"][backend] = json.loads(json.dumps(entry))
+            if backend in args.serve:
+                models.append(f"{name}={name}.mar")
+                runners[backend] = runner
+            del runner
+        if args.stock:
+            models.append(build_stock_archive(ckpt, store, tmp))
+        if models:
+            # Stock runs on TorchServe's defaults: workers = cores (default_workers_per_model 0).
+            ts = TorchServe(workdir=tmp / "ts", model_store=store, models=models,
+                            overrides=server_overrides(default_workers_per_model="0")).start()
+            try:
+                names = [m.split("=")[0] for m in models]
+                ts.wait_ready(names, timeout_s=600)
+                for model in names:
+                    label = STOCK if model == STOCK else f"ours:{model.removeprefix('bench-')}"
+                    sweep_point(ts, model, images, max(args.concurrency), min(50, args.requests))  # warm-up
+                    backend = label.removeprefix("ours:")
+                    if backend in runners:
+                        # again, next to the sweep: on a shared machine the speed drifts by
+                        # 10-20 % over minutes; the ratios use this figure
+                        torch.set_num_threads(args.threads)
+                        limit = in_process_limit(runners.pop(backend), batch, args.limit_seconds)
+                        result["backends"][backend]["limit_at_sweep"] = json.loads(json.dumps(limit))
+                        print(f"{backend} in-process, next to the sweep: {json.dumps(limit)}", flush=True)
+                    result["sweeps"][label] = []
+                    for c in args.concurrency:
+                        point = sweep_point(ts, model, images, c, args.requests)
+                        print(f"{label}: {json.dumps(point)}", flush=True)
+                        result["sweeps"][label].append(point)
+            finally:
+                ts.stop()
+    result["config"] = {"arch": ckpt["arch"], "crop_size": ckpt["preprocessing"]["crop_size"],
+                        "trained_crop_size": trained_at["crop_size"], "batch_size": args.batch_size,
+                        "max_batch_delay": args.max_batch_delay, "workers": args.workers,
+                        "threads": args.threads, "retain_heap_mb": args.retain_heap_mb,
+                        "images": len(images),
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    result["ratios"] = ratios(result, args.batch_size)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "benchmark.json").write_text(json.dumps(result, indent=2))
+    (args.output_dir / "benchmark.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    return result
