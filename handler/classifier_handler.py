@@ -80,6 +80,7 @@ class ImageClassifierHandler(BaseHandler):
             (context.model_yaml_config or {}).get("handler"))
         self.transform = settings.preprocessing
         self.default_topk = settings.topk
+        self.decode_budget = settings.decode_budget
         self.backend = settings.backend
         threads = default_threads(settings.num_threads,
                                   int((context.model_yaml_config or {}).get("maxWorkers") or 1))
@@ -179,7 +180,7 @@ class ImageClassifierHandler(BaseHandler):
                 start = time.perf_counter()
                 headers = self.context.get_all_request_header(idx) if self.context else {}
                 payload, k = parse_request(row, headers or {}, self.default_topk)
-                tensors.append(self.transform.load_pixels(payload))
+                tensors.append(self.transform.load_pixels(payload, self.decode_budget))
                 self._observe("classifier_preprocess_seconds", time.perf_counter() - start)
                 self._observe("classifier_images_per_request", 1)
             except ClientError as exc:

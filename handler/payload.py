@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -96,17 +97,28 @@ def parse_request(row: dict, headers: dict, default_topk: int) -> tuple[bytes, i
         (encoded image bytes, k).
 
     Raises:
-        ClientError: no image, JSON without ``data``, invalid base64, a form-urlencoded
-            body, or an invalid ``topk``.
+        ClientError: no image, a JSON body that is not an object or has no ``data``, invalid
+            JSON or base64, a form-urlencoded body, or an invalid ``topk``.
     """
     content_type = _header(headers, "content-type").lower()
+    media_type = content_type.split(";", 1)[0].strip()
     if content_type.startswith("application/x-www-form-urlencoded"):
         raise UnsupportedMediaTypeError(
             "the body was sent as application/x-www-form-urlencoded (curl --data-binary sets "
             "that by default) and was parsed as form fields, not an image: " + HOW_TO_SEND)
     payload = next((row[f] for f in IMAGE_FIELDS if row.get(f) is not None), None)
     topk = row.get("topk")
-    if isinstance(payload, dict):  # application/json body, parsed by the worker
+    if media_type == "application/json" and isinstance(payload, (bytes, bytearray)):
+        # the worker parses only the exact "application/json" (not "Application/JSON" or
+        # "application/json; charset=utf-8"), and forwards invalid JSON as bytes
+        try:
+            payload = json.loads(bytes(payload).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ClientError(f"the body is not valid JSON (Content-Type {content_type}): {exc}") from None
+    if media_type == "application/json" and not isinstance(payload, (dict, type(None))):
+        raise ClientError('a JSON body must be an object {"data": "<base64>", "topk": k}, not '
+                          f"{type(payload).__name__} {str(payload)[:40]!r}")
+    if isinstance(payload, dict):  # application/json body
         topk = payload.get("topk", topk)
         if payload.get("data") is None:
             raise ClientError('JSON body needs a "data" field holding the base64-encoded image')
@@ -122,6 +134,8 @@ def parse_request(row: dict, headers: dict, default_topk: int) -> tuple[bytes, i
             f"got text (Content-Type {content_type or 'text/*'}), not image bytes: " + HOW_TO_SEND)
     elif payload is None:
         raise ClientError("no image in the request: " + HOW_TO_SEND)
+    elif not isinstance(payload, (bytes, bytearray)):  # a multipart field TorchServe decoded
+        raise ClientError(f"the image field holds {type(payload).__name__}, not bytes: " + HOW_TO_SEND)
     k = parse_topk(topk, default_topk)
     if not payload:
         raise DecodeError("empty image: the request carried no bytes")

@@ -95,7 +95,79 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, *, draft_size: Optional[int] = None) -> Image.Image:
+@dataclass(frozen=True)
+class DecodeBudget:
+    """What one image may cost to decode, beyond PIL's pixel limit.
+
+    A JPEG is decoded scan by scan, and a progressive one refines every coefficient of the
+    image in each scan: its cost is scans x pixels x components, whatever the file size. A
+    ~700 KB file that repeats its last refinement scan 3000 times (9000 x 9000 grayscale) kept a
+    worker busy for 120 s until TorchServe killed it. Measured with Pillow 13's libjpeg-turbo on
+    one core (AVX-512): about 0.37 ns per coefficient per scan, so 9000 x 9000 grayscale costs
+    30 ms per scan, draft mode or not (the coefficient buffers stay full size).
+
+    Attributes:
+        max_jpeg_scans: most scans (SOS markers) a JPEG may have. libjpeg's progressive
+            scripts write 10 (colour) or 6 (grey), mozjpeg's optimized ones up to about 20;
+            32 leaves room and bounds the count, as libjpeg-turbo's ``-maxscans`` does.
+        max_jpeg_scan_megapixels: most scans x pixels x components / 1e6 a JPEG may have:
+            3000 is about 1.1 s of decoding; a 12 Mpx colour photo with 32 scans is 1152,
+            a 9000 x 9000 colour progressive photo (10 scans) 2430.
+    """
+
+    max_jpeg_scans: int = 32
+    max_jpeg_scan_megapixels: float = 3000.0
+
+    def check_jpeg(self, data: bytes, img: Image.Image) -> None:
+        """Raises ImageTooLargeError when the JPEG ``data`` (opened as ``img``, not yet
+        decoded) is over budget; the message names the limit."""
+        scans = jpeg_scan_count(data)
+        if scans > self.max_jpeg_scans:
+            raise ImageTooLargeError(
+                f"JPEG with {scans} scans: over the decode budget of {self.max_jpeg_scans} "
+                "scans (handler.max_jpeg_scans)")
+        work = scans * img.width * img.height * len(img.getbands()) / 1e6
+        if work > self.max_jpeg_scan_megapixels:
+            raise ImageTooLargeError(
+                f"JPEG of {img.width}x{img.height} px with {scans} scans: {work:.0f} megapixel "
+                f"passes, over the decode budget of {self.max_jpeg_scan_megapixels:.0f} "
+                "(handler.max_jpeg_scan_megapixels)")
+
+
+DEFAULT_DECODE_BUDGET = DecodeBudget()
+
+
+def jpeg_scan_count(data: bytes) -> int:
+    """Number of scans (SOS segments) in a JPEG's main image, by walking its markers.
+
+    Segments with a length (APPn, DQT, DHT, SOFn, ...) are skipped whole, so an embedded EXIF
+    thumbnail is not counted; inside entropy-coded data only a marker other than a stuffed
+    ``FF 00``, a fill ``FF FF`` or a restart ``FF D0..D7`` ends the scan (ITU T.81, B.1.1).
+    Stops at EOI or at the end of the data. Linear in the file size.
+    """
+    scans, i, n = 0, 2, len(data)
+    while i + 1 < n:
+        if data[i] != 0xFF:
+            i = data.find(b"\xff", i)
+            if i < 0:
+                break
+            continue
+        marker = data[i + 1]
+        if marker == 0xFF or marker == 0x00 or 0xD0 <= marker <= 0xD7:
+            i += 1 if marker == 0xFF else 2
+            continue
+        if marker == 0xD9:
+            break
+        if marker == 0xDA:
+            scans += 1
+        if i + 3 >= n:
+            break
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return scans
+
+
+def decode_image(data: bytes, *, draft_size: Optional[int] = None,
+                 budget: DecodeBudget = DEFAULT_DECODE_BUDGET) -> Image.Image:
     """Decodes encoded image bytes to an 8-bit RGB PIL image, upright.
 
     JPEG, PNG, WebP, BMP, GIF (first frame) and TIFF are accepted. EXIF orientation is
@@ -112,9 +184,12 @@ def decode_image(data: bytes, *, draft_size: Optional[int] = None) -> Image.Imag
     Returns:
         A PIL image in mode ``RGB``.
 
+        budget: the decode budget a JPEG is held to before its pixels are decoded.
+
     Raises:
         DecodeError: empty input, unknown or unsupported format, corrupt or truncated data.
-        ImageTooLargeError: more pixels than ``Image.MAX_IMAGE_PIXELS``.
+        ImageTooLargeError: more pixels than ``Image.MAX_IMAGE_PIXELS``, or a JPEG over
+            ``budget``.
     """
     if not data:
         raise DecodeError("empty image: the request carried no bytes")
@@ -123,11 +198,15 @@ def decode_image(data: bytes, *, draft_size: Optional[int] = None) -> Image.Imag
             # Above MAX_IMAGE_PIXELS PIL only warns (it raises above twice that); refuse both.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+            if img.format in ("JPEG", "MPO"):
+                budget.check_jpeg(data, img)
             if draft_size is not None and img.format in ("JPEG", "MPO"):
                 img.draft("RGB" if img.mode == "RGB" else None, (draft_size, draft_size))
             img.load()
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
+    except ClientError:  # the decode budget's refusal (a ValueError too)
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(
             f"image too large: {exc} (limit {Image.MAX_IMAGE_PIXELS} pixels)"
@@ -258,8 +337,9 @@ class EvalTransform:
         """
         return self.normalize(self.pixels(img)[None])[0].contiguous()
 
-    def load_pixels(self, data: bytes) -> torch.Tensor:
-        """Decodes bytes and resizes/crops them: the per-request half of the handler's path.
+    def load_pixels(self, data: bytes, budget: DecodeBudget = DEFAULT_DECODE_BUDGET) -> torch.Tensor:
+        """Decodes bytes (held to ``budget``) and resizes/crops them: the per-request half of
+        the handler's path.
 
         Returns:
             uint8 tensor [crop_size, crop_size, 3]; ``normalize(torch.stack(...))`` finishes it.
@@ -267,7 +347,7 @@ class EvalTransform:
         Raises:
             DecodeError, ImageTooLargeError: see ``decode_image``.
         """
-        return self.pixels(decode_image(data, draft_size=self.resize_size))
+        return self.pixels(decode_image(data, draft_size=self.resize_size, budget=budget))
 
     def load(self, data: bytes) -> torch.Tensor:
         """Decodes bytes and transforms them: the one bytes -> model-input path.

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from handler.backends import BACKENDS, TORCH_BACKENDS
-from handler.preprocessing import EvalTransform
+from handler.preprocessing import DEFAULT_DECODE_BUDGET, DecodeBudget, EvalTransform
 
 DEFAULT_TOPK = 5
 # Free CPU heap (MiB) a worker keeps between batches (handler/backends.retain_heap): the
@@ -37,6 +37,8 @@ class HandlerSettings:
             choice (``backend``) applies everywhere.
         retain_heap_mb: free CPU heap (MiB) kept for the next batch instead of being unmapped
             (``backends.retain_heap``); 0 leaves glibc's defaults.
+        max_jpeg_scans, max_jpeg_scan_megapixels: the decode budget of a JPEG
+            (``preprocessing.DecodeBudget``); over it a request gets 413 before decoding.
         backend_selection, quantization: the archive step's record of why this back-end (its
             timings and accuracy gate). Read by people, not by the handler.
     """
@@ -47,6 +49,8 @@ class HandlerSettings:
     backend: str = "eager"
     gpu_backends: Optional[tuple[str, ...]] = None
     retain_heap_mb: int = DEFAULT_RETAIN_HEAP_MB
+    max_jpeg_scans: int = DEFAULT_DECODE_BUDGET.max_jpeg_scans
+    max_jpeg_scan_megapixels: float = DEFAULT_DECODE_BUDGET.max_jpeg_scan_megapixels
     backend_selection: Optional[dict] = None
     quantization: Optional[dict] = None
 
@@ -70,11 +74,15 @@ class HandlerSettings:
             raise ValueError("model-config.yaml needs handler.preprocessing (see training/archive.py)")
         values = dict(section)
         values["preprocessing"] = EvalTransform.from_dict(section["preprocessing"])
-        for name, low in (("topk", 1), ("num_threads", 0), ("retain_heap_mb", 0)):
+        for name, low in (("topk", 1), ("num_threads", 0), ("retain_heap_mb", 0),
+                          ("max_jpeg_scans", 1)):
             if name in values:
                 value = values[name]
                 if isinstance(value, bool) or not isinstance(value, int) or value < low:
                     raise ValueError(f"handler.{name} must be an integer >= {low}, got {value!r}")
+        mpx = values.get("max_jpeg_scan_megapixels", cls.max_jpeg_scan_megapixels)
+        if isinstance(mpx, bool) or not isinstance(mpx, (int, float)) or mpx <= 0:
+            raise ValueError(f"handler.max_jpeg_scan_megapixels must be a number > 0, got {mpx!r}")
         if values.get("backend", cls.backend) not in BACKENDS:
             raise ValueError(f"handler.backend {values['backend']!r} is not one of {BACKENDS}")
         gpu = values.get("gpu_backends")
@@ -83,3 +91,8 @@ class HandlerSettings:
                 raise ValueError(f"handler.gpu_backends {gpu!r} must be a list among {TORCH_BACKENDS}")
             values["gpu_backends"] = tuple(gpu)
         return cls(**values)
+
+    @property
+    def decode_budget(self) -> DecodeBudget:
+        """The JPEG decode budget these settings give."""
+        return DecodeBudget(self.max_jpeg_scans, float(self.max_jpeg_scan_megapixels))

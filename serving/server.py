@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # built by `make setup` from scripts/ts_patches/.
 PATCHES_JAR = ROOT / "build" / "ts-patches.jar"
 LOG_FILES = ("ts_log.log", "model_log.log")
+# the model names registration accepts (scripts/ts_patches/.../Connections.java MODEL_NAME)
+PLAIN_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # what TorchServe 0.12's frontend logs when a model given at startup cannot be loaded
 LOAD_FAILURE = re.compile(r"ModelNotFoundException|InvalidModelException|DownloadArchiveException|"
                           r"ModelException|Failed to (?:load|register|unpack) model")
@@ -227,8 +229,16 @@ class TorchServe:
         return self
 
     def check_models(self) -> None:
-        """Raises ServerError when a ``models`` entry names an archive the store lacks."""
+        """Raises ServerError when a ``models`` entry names an archive the store lacks, or
+        when a snapshot to restore holds a model name the REST API could not reach or remove
+        (not a ``PLAIN_MODEL_NAME``: the frontend patch refuses such names at registration)."""
         store = Path(self.model_store)
+        snapshot = self.last_snapshot() if self.restore else None
+        bad = [name for name in (restored_models(snapshot) if snapshot else [])
+               if not PLAIN_MODEL_NAME.fullmatch(name) or ".." in name]
+        if bad:
+            raise ServerError(f"refusing to restore {snapshot}: model names {bad} are not plain "
+                              "names (letters, digits, '_', '-', '.'); the API could not remove them")
         for entry in [] if self.restore else self.models:
             archive = entry.split("=", 1)[-1]
             if "://" in archive or (store / archive).exists():

@@ -26,6 +26,14 @@ def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
     return buf.getvalue()
 
 
+def scan_bomb(size: tuple[int, int] = (9000, 9000), repeats: int = 3000, mode: str = "L") -> bytes:
+    """A progressive JPEG whose last Huffman table and refinement scan are repeated ``repeats``
+    times: small on the wire (~720 KB at the defaults), ``repeats`` x the decoding work."""
+    data = encode(Image.new(mode, size), "JPEG", progressive=True)
+    start, end = data.rfind(b"\xff\xc4"), data.rfind(b"\xff\xd9")
+    return data[:end] + data[start:end] * repeats + data[end:]
+
+
 def scene(width: int = 160, height: int = 120, seed: int = 0, mode: str = "RGB") -> Image.Image:
     """A deterministic structured test image (gradients and a rectangle), not noise."""
     g = torch.Generator().manual_seed(seed)

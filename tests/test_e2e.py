@@ -173,7 +173,7 @@ def test_frontend_jvm_gets_the_vmargs_of_config_properties(server):
 
     from serving.server import read_properties
     vmargs = read_properties(ROOT / "config.properties")["vmargs"].split()
-    assert "-XX:TieredStopAtLevel=1" in vmargs
+    assert "-XX:TieredStopAtLevel=1" in vmargs and "-Xmx2560m" in vmargs  # a bounded heap
     java = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if p.name() == "java"]
     assert len(java) == 1 and set(vmargs) <= set(java[0].cmdline())
 

@@ -89,12 +89,21 @@ def test_registration_from_outside_the_store_is_refused(server, store, tmp_path)
         with pytest.raises(ManagementError) as err:
             api(server).register(url, model_name="evil")
         assert " 4" in str(err.value)[:9], (url, str(err.value))  # "HTTP 4xx: ..."
-    # paths of the store's own archives: 0.12 answers 500 "Model file already exists"; the
-    # frontend patch answers 400 and says what a url must be
-    for url in (str(store / f"{MODEL}_v2.mar"), "/"):
+    # paths of the store's own archives (0.12: 500 "Model file already exists"), the store
+    # folder itself ("foo/" registered it as a model) and "." or ".." : 400, saying what a url is
+    for url in (str(store / f"{MODEL}_v2.mar"), "/", "foo/", ".", "..", f"./{MODEL}_v2.mar"):
         with pytest.raises(ManagementError) as err:
             api(server).register(url, model_name="evil")
-        assert str(err.value).startswith("HTTP 400:") and "file name of an archive" in str(err.value)
+        assert str(err.value).startswith("HTTP 400:") and "file name of an archive" in str(err.value), url
+    # names no REST path can reach or remove ("../../x" registered a live worker in 0.12,
+    # saved in every snapshot): 400, by query string or by JSON body
+    for name in ("../../x", "a/b", "..", "x\x01y", " lead", "-x"):
+        with pytest.raises(ManagementError) as err:
+            api(server).register(f"{MODEL}_v2.mar", model_name=name)
+        assert str(err.value).startswith("HTTP 400:") and "plain name" in str(err.value), name
+    r = requests.post(f"{server.url('management')}/models", json={"url": f"{MODEL}_v2.mar",
+                      "model_name": "../y"}, headers=server.headers("management"), timeout=30)
+    assert r.status_code == 400 and "plain name" in r.json()["message"]
     assert [m["modelName"] for m in api(server).list()] == [MODEL]
 
 

@@ -48,3 +48,24 @@ def test_bad_requests_name_the_problem(row, headers, error, match):
     with pytest.raises(error, match=match) as err:
         parse_request(row, headers, 5)
     assert 400 <= err.value.status < 500
+
+
+@pytest.mark.parametrize("body", [["a"], [256], -1, 1.5, 100000000000, "text", True])
+def test_json_whose_top_level_is_not_an_object_is_a_400(body):
+    """The worker parses application/json; a list or a number used to reach bytes(...): 500, and
+    bytes(100000000000) tried to allocate 100 GB."""
+    with pytest.raises(ClientError) as err:
+        parse_request({"body": body}, {"Content-Type": "application/json"}, 5)
+    assert err.value.status == 400 and "must be an object" in str(err.value)
+
+
+@pytest.mark.parametrize("content_type", ["Application/JSON", "application/json; charset=utf-8",
+                                          "APPLICATION/JSON;charset=UTF-8"])
+def test_json_media_type_is_case_insensitive_and_takes_parameters(content_type):
+    """The worker only parses the exact "application/json"; the rest arrives as bytes."""
+    raw = ('{"data": "%s", "topk": 2}' % base64.b64encode(IMG).decode()).encode()
+    assert parse_request({"body": raw}, {"content-type": content_type}, 5) == (IMG, 2)
+    with pytest.raises(ClientError, match="not valid JSON"):
+        parse_request({"body": b"{not json"}, {"content-type": content_type}, 5)
+    with pytest.raises(ClientError, match="must be an object"):
+        parse_request({"body": b"[1, 2]"}, {"content-type": content_type}, 5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_PREPROCESSING, encode, scene
+from conftest import TINY_PREPROCESSING, encode, scan_bomb, scene
 from handler.preprocessing import (DecodeError, EvalTransform, ImageTooLargeError,
                                    decode_image)
 
@@ -156,3 +156,36 @@ def test_eval_transform_rejects_bad_config(cfg):
 def test_transform_settings_round_trip():
     tf = EvalTransform.from_dict(TINY_PREPROCESSING)
     assert EvalTransform.from_dict(tf.to_dict()) == tf
+
+
+def test_jpeg_scans_are_counted_by_walking_the_markers():
+    from handler.preprocessing import jpeg_scan_count
+    assert jpeg_scan_count(encode(scene())) == 1  # baseline
+    assert jpeg_scan_count(encode(scene(), "JPEG", progressive=True)) == 10  # libjpeg's script
+    assert jpeg_scan_count(encode(scene(mode="L"), "JPEG", progressive=True)) == 6
+    assert jpeg_scan_count(scan_bomb((64, 64), 100)) == 106
+    # SOS bytes inside an APP segment (an EXIF thumbnail's) are not scans of the image
+    plain = encode(scene())
+    app15 = b"\xff\xef" + (2 + 20).to_bytes(2, "big") + b"\xff\xda" * 10
+    assert jpeg_scan_count(plain[:2] + app15 + plain[2:]) == 1
+    assert jpeg_scan_count(plain[:100]) <= 1  # truncated: no crash
+
+
+def test_a_progressive_scan_bomb_is_refused_before_decoding():
+    """~720 KB, 3006 scans over 9000 x 9000 px: it kept a worker busy 120 s; now a 413 naming
+    the limit, after a marker walk of a few ms. Normal progressive photos still decode."""
+    import time
+
+    from handler.preprocessing import DecodeBudget, decode_image
+    bomb = scan_bomb()
+    start = time.perf_counter()
+    with pytest.raises(ImageTooLargeError, match=r"3006 scans: over the decode budget of 32 scans") as err:
+        decode_image(bomb, draft_size=256)
+    print(f"\n[scan bomb] {len(bomb)} bytes refused in {1000 * (time.perf_counter() - start):.1f} ms")
+    assert err.value.status == 413
+    # within the scan count, over the scans x pixels budget: 30 scans of 6000 x 6000 x 3
+    with pytest.raises(ImageTooLargeError, match="3240 megapixel passes"):
+        decode_image(scan_bomb((6000, 6000), 20, "RGB"), draft_size=256)
+    assert decode_image(encode(scene(400, 300), "JPEG", progressive=True)).size == (400, 300)
+    with pytest.raises(ImageTooLargeError, match="max_jpeg_scans"):
+        decode_image(encode(scene(), "JPEG", progressive=True), budget=DecodeBudget(max_jpeg_scans=4))

@@ -18,7 +18,7 @@ import requests
 import torch
 from PIL import Image
 
-from conftest import build_archive, encode, make_checkpoint, running_server, scene
+from conftest import build_archive, encode, make_checkpoint, running_server, scan_bomb, scene
 from training.predict import load_classifier
 
 pytestmark = pytest.mark.e2e
@@ -68,6 +68,14 @@ CORPUS = {
     "topk=-1": (dict(files={"data": JPEG, "topk": (None, "-1")}), 422, "bad_parameter"),
     "topk=abc": (dict(files={"data": JPEG, "topk": (None, "abc")}), 422, "bad_parameter"),
     "topk=10000 (clamped)": (dict(files={"data": JPEG, "topk": (None, "10000")}), 200, None),
+    # JSON whose top level is not an object: 500 "internal error" before, 400 now
+    **{f"JSON top level {body}": (dict(data=body, headers={"Content-Type": "application/json"}),
+                                  400, "bad_request")
+       for body in (b'["a"]', b"[256]", b"-1", b"1.5", b"100000000000")},
+    "Content-Type: Application/JSON (capitals)": (
+        dict(data=b'{"data": "%s"}' % __import__("base64").b64encode(JPEG),
+             headers={"Content-Type": "Application/JSON"}), 200, None),
+    "progressive JPEG, 3006 scans (scan bomb)": (dict(data=scan_bomb()), 413, "too_large"),
 }
 
 
@@ -113,8 +121,10 @@ def test_hostile_input_is_answered_alone(server, reference, name):
     kwargs, status, kind = CORPUS[name]
     auth = server.headers("inference")
     pids = worker_pids(server)
+    kwargs = dict(kwargs)
+    headers = {**auth, **kwargs.pop("headers", {})}
     with ThreadPoolExecutor(2) as pool:  # the good request shares a batch with the hostile one
-        hostile = pool.submit(requests.post, url(server), headers=auth, timeout=60, **kwargs)
+        hostile = pool.submit(requests.post, url(server), headers=headers, timeout=60, **kwargs)
         good = pool.submit(requests.put, url(server), data=JPEG, headers=auth, timeout=60)
         hostile, good = hostile.result(), good.result()
     assert good.status_code == 200 and good.json()[0]["label"] == reference(JPEG)[0]
@@ -241,7 +251,7 @@ def slow_server(tmp_path_factory):
     build_archive(ckpt, store, "slowq", "--batch-size", "1", "--response-timeout", "120")
     build_archive(ckpt, store, "slowt", "--batch-size", "1", "--response-timeout", "1")
     with running_server(root / "ts", store, ["slowq=slowq.mar", "slowt=slowt.mar"],
-                        job_queue_size="3") as ts:
+                        env={"TS_IDLE_TIMEOUT_S": "1"}, job_queue_size="3") as ts:
         yield ts
 
 
@@ -272,3 +282,158 @@ def test_request_outliving_response_timeout_is_answered(slow_server):
     # TorchServe's answer to a request that outlives responseTimeout: the worker is restarted
     assert r.status_code == 500 and "Worker died" in r.json()["message"] and elapsed < 60
     slow_server.wait_ready(["slowt"], timeout_s=180)  # the worker comes back
+
+
+# --- hostile clients: decode bombs next to good traffic, pipelining, stalled connections ---
+
+IDLE_TIMEOUT_S = 2
+MAX_CONNECTIONS = 24
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tmp_path_factory, checkpoint):
+    """The tiny model behind a frontend with short, test-sized connection limits (the frontend
+    patch reads TS_IDLE_TIMEOUT_S and TS_MAX_CONNECTIONS; production defaults: 60 s and half
+    the JVM's file limit). Idle dispatch on, as served."""
+    store = tmp_path_factory.mktemp("guarded-store")
+    build_archive(checkpoint, store, MODEL, "--num-threads", "1")
+    with running_server(tmp_path_factory.mktemp("guarded"), store, [f"{MODEL}={MODEL}.mar"],
+                        env={"TS_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S),
+                             "TS_MAX_CONNECTIONS": str(MAX_CONNECTIONS)}) as ts:
+        yield ts
+
+
+def exchange(ts, data: bytes, read_s: float = 10.0) -> tuple[bytes, float, str]:
+    """Sends raw bytes on one new connection to the inference API; reads until the server closes
+    the connection or ``read_s`` passes. Returns (bytes read, seconds, "closed" or "open")."""
+    import socket
+    host, port = ts.url("inference").removeprefix("http://").split(":")
+    start, out = time.perf_counter(), b""
+    with socket.create_connection((host, int(port)), timeout=read_s) as s:
+        s.sendall(data)
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+            state = "closed"
+        except ConnectionResetError:
+            state = "closed"
+        except TimeoutError:
+            state = "open"
+    return out, time.perf_counter() - start, state
+
+
+def http(ts, method: str, path: str, body: bytes = b"", **headers: str) -> bytes:
+    head = [f"{method} {path} HTTP/1.1", f"Host: {ts.url('inference').removeprefix('http://')}",
+            f"Authorization: Bearer {ts.token('inference')}", f"Content-Length: {len(body)}"]
+    head += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def answers(raw: bytes) -> list[tuple[int, bytes]]:
+    """(status, body) of each HTTP/1.1 response in ``raw``, in order (Content-Length framed)."""
+    import re
+    out = []
+    while (m := re.match(rb"HTTP/1\.1 (\d{3})[^\r]*\r\n(.*?)\r\n\r\n", raw, re.S)):
+        length = int(re.search(rb"(?i)content-length: *(\d+)", m[2])[1])
+        start = m.end()
+        out.append((int(m[1]), raw[start:start + length]))
+        raw = raw[start + length:]
+    return out
+
+
+def test_pipelined_answers_come_back_in_request_order(guarded_server, reference):
+    """HTTP/1.1 pipelining: a slow prediction, /ping, a 400 and a fast prediction sent at once
+    on one connection are answered in that order (0.12 sent /ping's answer first, and closed
+    the connection on the 400, dropping what was queued behind it)."""
+    import json
+    big = encode(Image.effect_noise((1600, 1600), 60).convert("RGB"), "PNG")  # slow to decode
+    data = (http(guarded_server, "POST", f"/predictions/{MODEL}", big, Content_Type="application/octet-stream")
+            + http(guarded_server, "GET", "/ping")
+            + http(guarded_server, "POST", f"/predictions/{MODEL}", b"not an image",
+                   Content_Type="application/octet-stream")
+            + http(guarded_server, "POST", f"/predictions/{MODEL}", JPEG, Content_Type="image/jpeg"))
+    raw, seconds, _ = exchange(guarded_server, data, read_s=IDLE_TIMEOUT_S + 8)
+    got = answers(raw)
+    print(f"\n[pipelining] 4 requests on one connection: statuses {[s for s, _ in got]} in {seconds:.1f} s")
+    assert [s for s, _ in got] == [200, 200, 400, 200]
+    assert json.loads(got[0][1])[0]["label"] == reference(big)[0]
+    assert json.loads(got[1][1]) == {"status": "Healthy"}
+    assert json.loads(got[2][1])["type"] == "undecodable"
+    assert json.loads(got[3][1])[0]["label"] == reference(JPEG)[0]
+
+
+@pytest.mark.parametrize("name,data", [
+    ("Content-Length longer than the body", b"POST /ping HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc"),
+    ("negative Content-Length", b"POST /ping HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"),
+    ("chunked body never finished", b"POST /ping HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"),
+    ("binary junk", bytes(range(256)) * 8),
+    ("nothing at all", b""),
+])
+def test_stalled_connections_are_closed(guarded_server, name, data):
+    """Requests that never complete are closed within the idle timeout (0.12 held them open
+    forever); junk the HTTP decoder rejects gets a 400 and a close at once."""
+    raw, seconds, state = exchange(guarded_server, data, read_s=IDLE_TIMEOUT_S + 8)
+    print(f"\n[stalled: {name}] {state} after {seconds:.1f} s, answer {raw[:12]!r}")
+    assert state == "closed" and seconds < IDLE_TIMEOUT_S + 5
+    assert raw == b"" or raw.startswith(b"HTTP/1.1 400")
+
+
+def test_a_request_in_flight_outlives_the_idle_timeout(slow_server):
+    """The idle timeout (1 s on this server) never cuts a request the worker is still
+    computing: slowq outlasts the 1 s responseTimeout of slowt on every machine here."""
+    auth = slow_server.headers("inference")
+    start = time.perf_counter()
+    r = requests.put(url(slow_server, "slowq"), data=JPEG, headers=auth, timeout=120)
+    print(f"\n[in flight] slowq answered {r.status_code} after {time.perf_counter() - start:.1f} s "
+          "(idle timeout 1 s)")
+    assert r.status_code == 200 and time.perf_counter() - start > 1
+
+
+def test_connections_over_the_cap_are_refused_fast_and_service_recovers(guarded_server):
+    import socket
+    host, port = guarded_server.url("inference").removeprefix("http://").split(":")
+    held = [socket.create_connection((host, int(port)), timeout=5) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.3)
+        start = time.perf_counter()
+        over = exchange(guarded_server, b"", read_s=5)
+        print(f"\n[cap {MAX_CONNECTIONS}] connection {MAX_CONNECTIONS + 1}: {over[0][:32]!r}, "
+              f"{over[2]} after {over[1] * 1000:.0f} ms")
+        assert over[0].startswith(b"HTTP/1.1 503") and over[2] == "closed" and time.perf_counter() - start < 2
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.3)
+    r = requests.put(url(guarded_server), data=JPEG, headers=guarded_server.headers("inference"), timeout=30)
+    assert r.status_code == 200  # the held ones went: served at once
+
+
+def test_a_scan_bomb_is_refused_while_its_neighbours_are_served(guarded_server, reference):
+    """The ~720 KB progressive JPEG that kept a worker busy 120 s: 413 naming the budget,
+    the worker not restarted, the requests around it answered."""
+    auth = guarded_server.headers("inference")
+    pids = worker_pids(guarded_server)
+
+    def good(_):
+        t = time.perf_counter()
+        r = requests.put(url(guarded_server), data=JPEG, headers=auth, timeout=60)
+        return r.status_code, time.perf_counter() - t
+    with ThreadPoolExecutor(4) as pool:  # normal: the same traffic without the bomb
+        normal = list(pool.map(good, range(40)))
+    bomb = scan_bomb()
+    with ThreadPoolExecutor(4) as pool:
+        neighbours = [pool.submit(good, i) for i in range(40)]
+        t = time.perf_counter()
+        refusals = [requests.put(url(guarded_server), data=bomb, headers=auth, timeout=60)
+                    for _ in range(10)]  # one after the other, for as long as the neighbours run
+        bomb_s = (time.perf_counter() - t) / len(refusals)
+        neighbours = [f.result() for f in neighbours]
+    refused = refusals[-1]
+    p50 = lambda xs: sorted(s for _, s in xs)[len(xs) // 2]  # noqa: E731
+    print(f"\n[scan bomb] {len(bomb)} bytes, 10 times: HTTP {refused.status_code} in {bomb_s * 1000:.0f} ms each; "
+          f"neighbours at concurrency 4: p50 {p50(neighbours) * 1000:.1f} ms, normal "
+          f"{p50(normal) * 1000:.1f} ms ({p50(neighbours) / p50(normal):.2f}x); worker restarted: "
+          f"{worker_pids(guarded_server) != pids}")
+    assert all(r.status_code == 413 and "decode budget" in r.json()["message"] for r in refusals)
+    assert all(status == 200 for status, _ in neighbours)
+    assert worker_pids(guarded_server) == pids

@@ -108,3 +108,18 @@ def test_start_refuses_an_archive_missing_from_the_store_before_launching(tmp_pa
         ts.start()
     assert ts.proc is None and not (tmp_path / "work" / "torchserve.pid").exists()
 
+
+
+def test_restore_refuses_a_snapshot_with_a_name_the_api_cannot_remove(tmp_path):
+    """A model registered as ../../x (before the frontend patch refused such names) answered 404
+    on every REST path and came back with every --restore; restoring it is refused."""
+    from serving.server import ServerError
+    snapshot = {"name": "s.cfg", "models": {"../../x": {"1.0": {"defaultVersion": True}},
+                                            "scenes": {"1.0": {"defaultVersion": True}}}}
+    (tmp_path / "logs" / "config").mkdir(parents=True)
+    (tmp_path / "logs" / "config" / "20260102000000000-shutdown.cfg").write_text(
+        "model_snapshot=" + json.dumps(snapshot).replace(":", "\\:") + "\n")
+    ts = TorchServe(workdir=tmp_path, restore=True)
+    with pytest.raises(ServerError, match=r"model names \['../../x'\] are not plain names"):
+        ts.start()
+    assert ts.proc is None

@@ -1,5 +1,5 @@
 /*
- * Java agent patching TorchServe 0.12's frontend at class-load time (ASM). Three changes:
+ * Java agent patching TorchServe 0.12's frontend at class-load time (ASM). Five changes:
  *
  * 1. WorkerThread: scale-down drains the removed worker's batch in flight (GracefulScaleDown).
  *    run(): BatchAggregator.getRequest(String, WorkerState) -> GracefulScaleDown.getRequest(...)
@@ -12,6 +12,10 @@
  * 3. Model.pollBatch: a request arriving at an idle model is dispatched without waiting
  *    maxBatchDelay for company (IdleDispatch; the read of the maxBatchDelay field ->
  *    IdleDispatch.maxBatchDelay(this)).
+ * 4. ServerInitializer.initChannel: every connection gets a cap, an idle timeout, responses in
+ *    request order and a registration check (Connections.configure, see Connections.java).
+ * 5. NettyUtils.sendHttpResponse: a 4xx answer keeps the connection alive (0.12 closed it on
+ *    every status >= 400, dropping requests pipelined behind it); 5xx still closes.
  *
  * Loaded with -javaagent:build/ts-patches.jar (serving/server.py sets JAVA_TOOL_OPTIONS).
  */
@@ -36,6 +40,7 @@ public final class Agent implements ClassFileTransformer {
     static final String HTTP = "org/pytorch/serve/http/HttpRequestHandler";
     static final String MODEL = "org/pytorch/serve/wlm/Model";
     static final String MANAGEMENT = "org/pytorch/serve/http/api/rest/ManagementRequestHandler";
+    static final String INITIALIZER = "org/pytorch/serve/ServerInitializer";
     static final String DRAIN = "org/pytorch/serve/wlm/GracefulScaleDown";
     static final String IDLE = "org/pytorch/serve/wlm/IdleDispatch";
     static final String AGGREGATOR = "org/pytorch/serve/wlm/BatchAggregator";
@@ -87,7 +92,7 @@ public final class Agent implements ClassFileTransformer {
             ProtectionDomain domain,
             byte[] bytes) {
         if (!WORKER.equals(name) && !HTTP.equals(name) && !MODEL.equals(name)
-                && !MANAGEMENT.equals(name)) {
+                && !MANAGEMENT.equals(name) && !INITIALIZER.equals(name) && !NETTY_UTILS.equals(name)) {
             return null;
         }
         try {
@@ -140,6 +145,69 @@ public final class Agent implements ClassFileTransformer {
                                             patched[0]++;
                                             return;
                                         }
+                                        super.visitFieldInsn(op, owner, f, d);
+                                    }
+                                };
+                            }
+                            if (INITIALIZER.equals(name) && method.equals("initChannel")
+                                    && desc.equals("(Lio/netty/channel/Channel;)V")) {
+                                return new MethodVisitor(Opcodes.ASM9, mv) {
+                                    @Override
+                                    public void visitInsn(int op) {
+                                        if (op == Opcodes.RETURN) {  // the pipeline is complete
+                                            super.visitVarInsn(Opcodes.ALOAD, 1);
+                                            super.visitMethodInsn(Opcodes.INVOKESTATIC, "tspatches/Connections",
+                                                    "configure", "(Lio/netty/channel/Channel;)V", false);
+                                            patched[0]++;
+                                        }
+                                        super.visitInsn(op);
+                                    }
+                                };
+                            }
+                            if (NETTY_UTILS.equals(name) && method.equals("sendHttpResponse")) {
+                                // `if (!keepAlive || code >= 400) close` -> `... code >= 500`: a client
+                                // error leaves the connection (and requests pipelined on it) alive
+                                return new MethodVisitor(Opcodes.ASM9, mv) {
+                                    int state; // 1: ILOAD 2 seen, 2: + IFEQ, 3: + ILOAD 7
+
+                                    @Override
+                                    public void visitVarInsn(int op, int var) {
+                                        state = op == Opcodes.ILOAD && var == 2 ? 1
+                                                : state == 2 && op == Opcodes.ILOAD && var == 7 ? 3 : 0;
+                                        super.visitVarInsn(op, var);
+                                    }
+
+                                    @Override
+                                    public void visitJumpInsn(int op, org.objectweb.asm.Label label) {
+                                        state = state == 1 && op == Opcodes.IFEQ ? 2 : 0;
+                                        super.visitJumpInsn(op, label);
+                                    }
+
+                                    @Override
+                                    public void visitIntInsn(int op, int operand) {
+                                        if (state == 3 && op == Opcodes.SIPUSH && operand == 400) {
+                                            operand = 500;
+                                            patched[0]++;
+                                        }
+                                        state = 0;
+                                        super.visitIntInsn(op, operand);
+                                    }
+
+                                    @Override
+                                    public void visitInsn(int op) {
+                                        state = 0;
+                                        super.visitInsn(op);
+                                    }
+
+                                    @Override
+                                    public void visitMethodInsn(int op, String owner, String m, String d, boolean itf) {
+                                        state = 0;
+                                        super.visitMethodInsn(op, owner, m, d, itf);
+                                    }
+
+                                    @Override
+                                    public void visitFieldInsn(int op, String owner, String f, String d) {
+                                        state = 0;
                                         super.visitFieldInsn(op, owner, f, d);
                                     }
                                 };
