@@ -6,16 +6,21 @@ The model archive holds this file at its top level (TorchServe's worker imports 
 ``model.int8.onnx``. TorchServe puts the unpacked archive on the worker's ``PYTHONPATH``, so
 ``handler.*`` resolves to the archive's own copy.
 
-Request forms (one image per request; TorchServe's dynamic batching groups requests):
-  * raw body: ``curl -T img.jpg`` or ``--data-binary @img.jpg -H "Content-Type: image/jpeg"``
-  * multipart: ``curl -F data=@img.jpg [-F topk=3]``
-  * JSON: ``{"data": "<base64>", "topk": 3}`` with ``Content-Type: application/json``
+Request forms (``handler/payload.py``; TorchServe's dynamic batching groups requests, and a
+request may carry several images):
+  * raw body: ``curl -T img.jpg`` or ``--data-binary @img.jpg``
+  * multipart: ``curl -F data=@img.jpg [-F topk=3]``; several files: one image each
+  * JSON: ``{"data": "<base64>" | ["<base64>", ...], "topk": 3}``
+  * KServe v1 ``{"instances": [...]}`` and the Open Inference Protocol ``{"inputs": [...]}``
+    (``POST /v1/models/<m>:predict``, ``/v2/models/<m>/infer``)
   * ``POST /invocations?model_name=<m>&topk=3`` (the only route whose query string
     TorchServe 0.12 forwards to the handler)
 
 Answer per image: ``[{"label", "index", "probability"}, ...]`` sorted by probability,
-``min(topk, classes)`` records. A bad request gets a 4xx JSON body ``{"code", "type",
-"message"}`` for that request alone; the other requests of its batch are answered normally.
+``min(topk, classes)`` records, wrapped as the request's form asks (``postprocessing.answer``).
+A bad request gets a 4xx JSON body in its protocol's form for that request alone; the other
+requests of its batch are answered normally. At most ``max_images_per_forward`` images go
+through the model at once.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler.architectures import load_trained
 from handler.backends import ONNX_FILES, default_threads, fastest, make_runner, retain_heap
-from handler.payload import Batch, InternalError, parse_request
-from handler.postprocessing import topk_records
+from handler.payload import Batch, InternalError, parse_request, protocol_of
+from handler.postprocessing import answer, error_answer, topk_records
 from handler.preprocessing import ClientError
 from handler.settings import HandlerSettings
 
@@ -80,6 +85,9 @@ class ImageClassifierHandler(BaseHandler):
             (context.model_yaml_config or {}).get("handler"))
         self.transform = settings.preprocessing
         self.default_topk = settings.topk
+        model = self.manifest.get("model", {})
+        self.model_name = model.get("modelName") or context.model_name
+        self.model_version = str(model.get("modelVersion", ""))
         self.decode_budget = settings.decode_budget
         self.backend = settings.backend
         threads = default_threads(settings.num_threads,
@@ -168,66 +176,99 @@ class ImageClassifierHandler(BaseHandler):
         self.metrics[name].add_or_update(value, self.metric_dims + list(extra_dims))
 
     def preprocess(self, data: list[dict]) -> Batch:
-        """Decodes, resizes and crops each request, then normalizes the batch at once.
+        """Parses each request (one or several images, any accepted form), then decodes,
+        resizes and crops every image.
 
-        A bad request is recorded in ``Batch.errors``, not raised. Sets ``Batch.images``:
-        float32 [N, 3, crop, crop] channels_last on the worker's device (N good requests).
+        A bad request (or one bad image in it: the message names which) is recorded in
+        ``Batch.errors``, not raised; the batch's other requests go on. Sets ``Batch.pixels``:
+        uint8 [M, crop, crop, 3] for the M images of the good requests, in order.
         """
         batch = Batch(size=len(data))
-        tensors = []
+        tensors: list[torch.Tensor] = []
         for idx, row in enumerate(data):
+            headers = (self.context.get_all_request_header(idx) if self.context else {}) or {}
+            form = protocol_of(row, headers)
             try:
                 start = time.perf_counter()
-                headers = self.context.get_all_request_header(idx) if self.context else {}
-                payload, k = parse_request(row, headers or {}, self.default_topk)
-                tensors.append(self.transform.load_pixels(payload, self.decode_budget))
-                self._observe("classifier_preprocess_seconds", time.perf_counter() - start)
-                self._observe("classifier_images_per_request", 1)
+                parsed = parse_request(row, headers, self.default_topk,
+                                       self.settings.max_images_per_request)
+                form = parsed.form
+                images = []
+                for i, payload in enumerate(parsed.images):
+                    try:
+                        images.append(self.transform.load_pixels(payload, self.decode_budget))
+                    except ClientError as exc:
+                        if len(parsed.images) == 1:
+                            raise
+                        raise type(exc)(f"image {i} of {len(parsed.images)}: {exc}") from exc
+                per_image = (time.perf_counter() - start) / len(images)
+                for _ in images:
+                    self._observe("classifier_preprocess_seconds", per_image)
+                self._observe("classifier_images_per_request", len(images))
             except ClientError as exc:
-                batch.errors[idx] = exc
+                batch.errors[idx] = (exc, form)
                 continue
             except Exception:  # a decoder bug must not fail the other requests
                 logger.exception("request %d: unexpected preprocessing failure", idx)
-                batch.errors[idx] = InternalError("internal error while decoding the image")
+                batch.errors[idx] = (InternalError("internal error while decoding the image"), form)
                 continue
-            batch.ks.append(k)
-            batch.rows.append(idx)
+            batch.requests[idx] = parsed
+            batch.spans[idx] = (len(tensors), len(tensors) + len(images))
+            tensors.extend(images)
         if tensors:
-            # uint8 NHWC to the device (a quarter of float32's bytes), then one fused
-            # scale-and-normalize for the batch: float32 NCHW, channels_last.
-            pixels = torch.stack(tensors).to(self.device, non_blocking=True)
-            batch.images = self.transform.normalize(pixels)
+            batch.pixels = torch.stack(tensors)
         return batch
 
     def inference(self, batch: Batch, *args, **kwargs) -> Batch:
-        """Runs the model on the decoded images: sets ``batch.probs`` float32 [N, C]."""
-        if batch.images is not None:
+        """Runs the model on the batch's images, at most ``max_images_per_forward`` at a time:
+        sets ``batch.probs`` float32 [M, C].
+
+        Each chunk goes to the device as uint8 NHWC (a quarter of float32's bytes) and is
+        scaled and normalized there in one fused step (channels_last float32), so memory stays
+        bounded by the chunk however many images the batch's requests carry.
+        """
+        if batch.pixels is None:
+            return batch
+        chunk = self.settings.max_images_per_forward
+        probs = []
+        for first in range(0, len(batch.pixels), chunk):
             start = time.perf_counter()
+            pixels = batch.pixels[first:first + chunk].to(self.device, non_blocking=True)
             with torch.inference_mode():
-                batch.probs = self.model(batch.images).float().softmax(dim=1)
-            if batch.probs.is_cuda:
-                torch.cuda.synchronize(batch.probs.device)
+                out = self.model(self.transform.normalize(pixels)).float().softmax(dim=1)
+            if out.is_cuda:
+                torch.cuda.synchronize(out.device)
+            probs.append(out)
             self._observe("classifier_inference_seconds", time.perf_counter() - start)
-            self._observe("classifier_batch_size", len(batch.rows))
+            self._observe("classifier_batch_size", len(pixels))
             self._observe(self.BATCHES, 1, self.worker_dim)
+        batch.probs = torch.cat(probs) if len(probs) > 1 else probs[0]
         return batch
 
     def postprocess(self, batch: Batch) -> list:
-        """Returns one JSON-serializable answer per request, setting 4xx statuses on errors."""
+        """Returns one JSON-serializable answer per request, in its own protocol's form,
+        setting 4xx statuses on errors."""
         start = time.perf_counter()
         out: list = [None] * batch.size
         if batch.probs is not None:
-            for row, records in zip(batch.rows, topk_records(batch.probs, self.labels, batch.ks)):
-                out[row] = records
-                self._observe("classifier_top1_probability", records[0]["probability"])
+            rows = [(idx, i) for idx in batch.requests for i in range(*batch.spans[idx])]
+            ks = [batch.requests[idx].k for idx, _ in rows]
+            records = topk_records(batch.probs[[i for _, i in rows]], self.labels, ks)
+            for idx, parsed in batch.requests.items():
+                first, end = batch.spans[idx]
+                mine = records[first:end]
+                for image in mine:
+                    self._observe("classifier_top1_probability", image[0]["probability"])
+                out[idx] = answer(parsed.form, mine, model_name=self.model_name,
+                                  model_version=self.model_version, request_id=parsed.request_id)
             self._observe("classifier_postprocess_seconds", time.perf_counter() - start)
-        for idx, exc in batch.errors.items():
-            out[idx] = exc.to_json()
+        for idx, (exc, form) in batch.errors.items():
+            out[idx] = error_answer(form, exc.to_json())
             self._observe(self.REJECTED, 1, exc.reason)
         if self.context is not None:
             for idx in range(batch.size):
                 self.context.set_response_content_type(idx, "application/json")
-            for idx, exc in batch.errors.items():
+            for idx, (exc, _) in batch.errors.items():
                 self.context.set_response_status(exc.status, HTTPStatus(exc.status).phrase, idx)
         return out
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -45,6 +45,55 @@ def topk_records(
         ]
         for row, k in enumerate(ks)
     ]
+
+
+def answer(form: str, records: list[list[dict]], *, model_name: str = "", model_version: str = "",
+           request_id: Optional[str] = None) -> object:
+    """One request's JSON answer in the form it was asked in (``payload.FORMS``).
+
+    Args:
+        form: ``single`` (the one image's records), ``list`` (a list per image), ``v1``
+            (``{"predictions": [...]}``) or ``v2`` (Open Inference Protocol outputs).
+        records: the top-k records of each of the request's N images (``topk_records``), all
+            with the same k.
+        model_name, model_version, request_id: echoed by ``v2`` (``id`` only when given).
+
+    Returns:
+        ``v2``: ``{"model_name", "model_version", "id"?, "outputs": [labels BYTES [N, k],
+        probabilities FP32 [N, k], indices INT64 [N, k]]}`` with row-major ``data``.
+
+    Raises:
+        ValueError: unknown form, or a ``single`` answer for other than one image.
+    """
+    if form == "single":
+        if len(records) != 1:
+            raise ValueError(f"a single-image answer for {len(records)} images")
+        return records[0]
+    if form == "list":
+        return records
+    if form == "v1":
+        return {"predictions": records}
+    if form != "v2":
+        raise ValueError(f"unknown answer form {form!r}")
+    shape = [len(records), len(records[0]) if records else 0]
+    out = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        out["id"] = request_id
+    out["outputs"] = [
+        {"name": "labels", "datatype": "BYTES", "shape": shape,
+         "data": [r["label"] for image in records for r in image]},
+        {"name": "probabilities", "datatype": "FP32", "shape": shape,
+         "data": [r["probability"] for image in records for r in image]},
+        {"name": "indices", "datatype": "INT64", "shape": shape,
+         "data": [r["index"] for image in records for r in image]},
+    ]
+    return out
+
+
+def error_answer(form: str, body: dict) -> dict:
+    """A client error's JSON in the request's protocol: KServe v1 and v2 answer
+    ``{"error": "<message>"}``; TorchServe's forms keep ``{"code", "type", "message"}``."""
+    return {"error": body["message"]} if form in ("v1", "v2") else body
 
 
 def format_topk(records: list[dict]) -> str:

@@ -37,6 +37,9 @@ class HandlerSettings:
             choice (``backend``) applies everywhere.
         retain_heap_mb: free CPU heap (MiB) kept for the next batch instead of being unmapped
             (``backends.retain_heap``); 0 leaves glibc's defaults.
+        max_images_per_request: most images one request may carry (more: 413).
+        max_images_per_forward: most images one forward pass takes, however many images the
+            batch's requests carry (8 requests of 20 images run as chunks of this size).
         max_jpeg_scans, max_jpeg_scan_megapixels: the decode budget of a JPEG
             (``preprocessing.DecodeBudget``); over it a request gets 413 before decoding.
         backend_selection, quantization: the archive step's record of why this back-end (its
@@ -49,6 +52,8 @@ class HandlerSettings:
     backend: str = "eager"
     gpu_backends: Optional[tuple[str, ...]] = None
     retain_heap_mb: int = DEFAULT_RETAIN_HEAP_MB
+    max_images_per_request: int = 64
+    max_images_per_forward: int = 32
     max_jpeg_scans: int = DEFAULT_DECODE_BUDGET.max_jpeg_scans
     max_jpeg_scan_megapixels: float = DEFAULT_DECODE_BUDGET.max_jpeg_scan_megapixels
     backend_selection: Optional[dict] = None
@@ -75,7 +80,8 @@ class HandlerSettings:
         values = dict(section)
         values["preprocessing"] = EvalTransform.from_dict(section["preprocessing"])
         for name, low in (("topk", 1), ("num_threads", 0), ("retain_heap_mb", 0),
-                          ("max_jpeg_scans", 1)):
+                          ("max_jpeg_scans", 1), ("max_images_per_request", 1),
+                          ("max_images_per_forward", 1)):
             if name in values:
                 value = values[name]
                 if isinstance(value, bool) or not isinstance(value, int) or value < low:

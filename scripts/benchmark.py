@@ -40,6 +40,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize-size", type=int, default=None)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--requests", type=int, default=400, help="requests per sweep point")
+    p.add_argument("--images-per-request", type=int, default=1,
+                   help="images per request to our handler (several: one multipart file each); "
+                        "the stock handler always gets one")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batch-delay", type=int, default=5, help="ms")
     p.add_argument("--workers", type=int, default=1)

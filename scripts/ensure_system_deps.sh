@@ -4,6 +4,7 @@
 #   the frontend, scripts/ts_patches/): openjdk-17-jdk-headless
 #   ASM, the bytecode library the agent bundles: libasm-java (/usr/share/java/asm.jar)
 #   Prometheus (the monitoring test scrapes TorchServe with a real one): prometheus
+#   curl (an e2e test sends a photo the way the README's curl lines do): curl
 set -euo pipefail
 java_major() { java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1; }
 javac_major() { javac -version 2>&1 | sed -n 's/^javac \([0-9]*\).*/\1/p' | head -1; }
@@ -23,6 +24,11 @@ if command -v prometheus >/dev/null 2>&1; then
   echo "prometheus found: $(command -v prometheus)"
 else
   missing+=(prometheus)
+fi
+if command -v curl >/dev/null 2>&1; then
+  echo "curl found: $(command -v curl)"
+else
+  missing+=(curl)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "installing ${missing[*]}"

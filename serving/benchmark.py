@@ -91,7 +91,8 @@ def to_markdown(result: dict) -> str:
     cfg = result["config"]
     lines = [f"Model `{cfg['arch']}` {cfg['crop_size']} px ({cfg['images']} photos cycled), "
              f"batchSize {cfg['batch_size']}, maxBatchDelay {cfg['max_batch_delay']} ms, "
-             f"{cfg['workers']} worker(s) x {cfg['threads']} threads. Stock: image_classifier, "
+             f"{cfg['workers']} worker(s) x {cfg['threads']} threads, "
+             f"{cfg.get('images_per_request', 1)} image(s) per request to ours. Stock: image_classifier, "
              "TorchServe defaults.", "",
              f"| back-end | batch 1 images/s (ms) | batch {cfg['batch_size']} images/s (ms) "
              "| vs eager | warm-up s | archive s | top-1 % |", "|---|---|---|---|---|---|---|"]
@@ -221,7 +222,8 @@ def run(args) -> dict:
                 ts.wait_ready(names, timeout_s=600)
                 for model in names:
                     label = STOCK if model == STOCK else f"ours:{model.removeprefix('bench-')}"
-                    sweep_point(ts, model, images, max(args.concurrency), min(50, args.requests))  # warm-up
+                    images_per = 1 if model == STOCK else args.images_per_request
+                    sweep_point(ts, model, images, max(args.concurrency), min(50, args.requests), images_per)  # warm-up
                     backend = label.removeprefix("ours:")
                     if backend in runners:
                         # again, next to the sweep: on a shared machine the speed drifts by
@@ -232,7 +234,7 @@ def run(args) -> dict:
                         print(f"{backend} in-process, next to the sweep: {json.dumps(limit)}", flush=True)
                     result["sweeps"][label] = []
                     for c in args.concurrency:
-                        point = sweep_point(ts, model, images, c, args.requests)
+                        point = sweep_point(ts, model, images, c, args.requests, images_per)
                         print(f"{label}: {json.dumps(point)}", flush=True)
                         result["sweeps"][label].append(point)
             finally:
@@ -241,6 +243,7 @@ def run(args) -> dict:
                         "trained_crop_size": trained_at["crop_size"], "batch_size": args.batch_size,
                         "max_batch_delay": args.max_batch_delay, "workers": args.workers,
                         "threads": args.threads, "retain_heap_mb": args.retain_heap_mb,
+                        "images_per_request": args.images_per_request,
                         "images": len(images),
                         "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     result["ratios"] = ratios(result, args.batch_size)

@@ -45,8 +45,20 @@ class Client:
             return 0
 
 
-def sweep_point(ts: TorchServe, model: str, images: list[bytes], concurrency: int, requests_n: int) -> dict:
-    """Sends ``requests_n`` images at ``concurrency`` in flight; returns the point's figures.
+def multipart(images: list[bytes], boundary: str = "tsbench7f3a") -> tuple[bytes, str]:
+    """A multipart/form-data body with one file field per image (``image0``, ``image1``, ...),
+    as ``curl -F image0=@a.jpg -F image1=@b.jpg`` sends it. Returns (body, Content-Type)."""
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"image{i}\"; "
+             f"filename=\"{i}.jpg\"\r\nContent-Type: application/octet-stream\r\n\r\n".encode() + img + b"\r\n"
+             for i, img in enumerate(images)]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def sweep_point(ts: TorchServe, model: str, images: list[bytes], concurrency: int, requests_n: int,
+                images_per_request: int = 1) -> dict:
+    """Sends ``requests_n`` requests of ``images_per_request`` images (raw body for one, a
+    multipart body with a file per image for several) at ``concurrency`` in flight; returns the
+    point's figures (``images_per_s`` counts images, not requests).
 
     Besides client-side throughput and latency: the server's mean queue time per request,
     (our handler only) mean preprocessing ms per image, inference ms per batch and images per
@@ -55,6 +67,11 @@ def sweep_point(ts: TorchServe, model: str, images: list[bytes], concurrency: in
     """
     path = f"/predictions/{model}"
     headers = {**ts.headers("inference"), "Content-Type": "application/octet-stream"}
+    if images_per_request > 1:
+        bodies = [multipart([images[(i * images_per_request + j) % len(images)]
+                             for j in range(images_per_request)]) for i in range(len(images))]
+        headers["Content-Type"] = bodies[0][1]
+        images = [body for body, _ in bodies]
     local = threading.local()
     latencies, errors = [], 0
     lock = threading.Lock()
@@ -76,7 +93,8 @@ def sweep_point(ts: TorchServe, model: str, images: list[bytes], concurrency: in
     d = {k: v - before[k] for k, v in server_totals(ts.url("metrics"), model).items()}
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
     point = {"concurrency": concurrency, "requests": requests_n, "errors": errors,
-             "images_per_s": round(requests_n / wall, 2), "p50_ms": round(cuts[49], 1),
+             "images_per_request": images_per_request,
+             "images_per_s": round(requests_n * images_per_request / wall, 2), "p50_ms": round(cuts[49], 1),
              "p90_ms": round(cuts[89], 1), "p99_ms": round(cuts[98], 1),
              "queue_ms_mean": round(d["queue_us"] / max(d["requests"], 1) / 1000, 2),
              "client_cpu_ms_per_request": round(1000 * cpu / requests_n, 2)}

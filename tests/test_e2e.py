@@ -159,13 +159,25 @@ def test_body_over_max_request_size_is_413(server):
     assert r.status_code == 413
 
 
-def test_form_urlencoded_body_is_answered_415_with_instructions(server):
-    # curl --data-binary without -H: the frontend parses the body as form fields (here it can).
-    r = requests.post(predict_url(server), data=b"not=an&image=1",
-                      headers={**server.headers("inference"),
-                               "Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
-    assert r.status_code == 415
-    assert "Content-Type: application/octet-stream" in r.json()["message"]
+def test_curl_data_binary_default_content_type_reaches_the_handler_as_bytes(server, jpeg_bytes):
+    """curl --data-binary @photo.jpg without -H sends application/x-www-form-urlencoded: 0.12's
+    frontend answered 500 ErrorDataDecoderException; patched, the body is the image."""
+    import subprocess
+    url = predict_url(server)
+    expected = requests.put(url, data=jpeg_bytes, headers=server.headers("inference"), timeout=30).json()
+    r = requests.post(url, data=jpeg_bytes, timeout=30, headers={
+        **server.headers("inference"), "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json() == expected
+    r = requests.post(url, data=b"not=an&image=1", timeout=30, headers={
+        **server.headers("inference"), "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and r.json()["type"] == "undecodable"  # the bytes, not form fields
+    photo = server.workdir / "photo.jpg"
+    photo.write_bytes(jpeg_bytes)
+    curl = subprocess.run(["curl", "-s", "-w", "\\n%{http_code}", "--data-binary", f"@{photo}", "-H",
+                           f"Authorization: Bearer {server.token('inference')}", url],
+                          capture_output=True, text=True, timeout=30)
+    body, code = curl.stdout.rsplit("\n", 1)
+    assert code == "200" and json.loads(body) == expected
 
 
 def test_frontend_jvm_gets_the_vmargs_of_config_properties(server):

@@ -136,7 +136,8 @@ def test_evaluation_and_handler_see_identical_tensors(tmp_path, three_class_chec
     h = ImageClassifierHandler()
     h.initialize(_context(model_dir, cfg))
     batch = h.preprocess([{"body": big}])
-    assert torch.equal(batch.images[0], eval_tensor)
+    # the model's input: the handler's uint8 pixels, normalized as inference does it
+    assert torch.equal(h.transform.normalize(batch.pixels)[0], eval_tensor)
 
 
 def test_metrics_are_emitted_per_stage_and_per_rejection(handler, jpeg_bytes, caplog):
@@ -263,3 +264,105 @@ def test_worker_heap_setting_comes_from_the_archive(tmp_path, three_class_checkp
     model_dir, cfg = _model_dir(tmp_path / "off", three_class_checkpoint, "--retain-heap-mb", "0")
     classifier_handler.ImageClassifierHandler().initialize(_context(model_dir, cfg))
     assert calls == [1024, 0]
+
+
+# --- several images per request; KServe v1 and the Open Inference Protocol (v2) ---
+
+def _images(n: int, seed: int = 20) -> list[bytes]:
+    return [encode(scene(64 + 8 * i, 48 + 4 * i, seed=seed + i)) for i in range(n)]
+
+
+def _expected(checkpoint, images: list[bytes], k: int) -> list[list[str]]:
+    model, classes, tf = load_classifier(checkpoint, torch.device("cpu"))
+    with torch.inference_mode():
+        probs = model(torch.stack([tf.load(b) for b in images])).softmax(1)
+    return [[classes[i] for i in row] for row in probs.topk(k).indices.tolist()]
+
+
+def test_several_images_per_request_in_every_form(handler, three_class_checkpoint):
+    h, model_dir, cfg = handler
+    imgs = _images(3)
+    b64 = [base64.b64encode(b).decode() for b in imgs]
+    want = _expected(three_class_checkpoint, imgs, 2)
+    json_h = {"Content-Type": "application/json"}
+    rows = [{"body": {"data": b64, "topk": 2}},                                   # /predictions JSON list
+            {"a": imgs[0], "b": imgs[1], "c": imgs[2], "topk": b"2"},             # multipart, 3 files
+            {"body": {"instances": [{"b64": b64[0]}, {"data": b64[1]}, b64[2]],   # KServe v1
+                      "parameters": {"topk": 2}}},
+            {"body": {"id": "req-7", "inputs": [{"name": "images", "shape": [3], "datatype": "BYTES",
+                                                 "data": b64}], "parameters": {"topk": 2}}}]
+    out, status = _run(h, model_dir, cfg, rows, headers=[json_h, {}, json_h, json_h])
+    assert status == [200] * 4
+    assert [[r["label"] for r in image] for image in out[0]] == want
+    assert [[r["label"] for r in image] for image in out[1]] == want
+    assert [[r["label"] for r in image] for image in out[2]["predictions"]] == want
+    v2 = out[3]
+    assert (v2["model_name"], v2["model_version"], v2["id"]) == ("m", "1.0", "req-7")
+    labels, probs, indices = v2["outputs"]
+    assert [t["name"] for t in v2["outputs"]] == ["labels", "probabilities", "indices"]
+    assert [t["datatype"] for t in v2["outputs"]] == ["BYTES", "FP32", "INT64"]
+    assert all(t["shape"] == [3, 2] for t in v2["outputs"])
+    assert [labels["data"][2 * i:2 * i + 2] for i in range(3)] == want
+    assert probs["data"] == [r["probability"] for image in out[0] for r in image]
+    assert indices["data"] == [r["index"] for image in out[0] for r in image]
+
+
+def test_v2_binary_tensor_extension(handler, three_class_checkpoint):
+    """The Open Inference Protocol's binary data extension: a JSON header, then the BYTES
+    tensor as 4-byte little-endian lengths and raw bytes."""
+    import struct
+    h, model_dir, cfg = handler
+    imgs = _images(2, seed=40)
+    raw = b"".join(struct.pack("<I", len(b)) + b for b in imgs)
+    header = json.dumps({"inputs": [{"name": "images", "shape": [2], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    out, status = _run(h, model_dir, cfg, [{"body": header + raw}],
+                       headers=[{"Content-Type": "application/octet-stream",
+                                 "Inference-Header-Content-Length": str(len(header))}])
+    assert status == [200]
+    assert out[0]["outputs"][0]["data"] == [x for row in _expected(three_class_checkpoint, imgs, 2) for x in row]
+
+
+def test_one_bad_image_fails_its_request_naming_it_and_only_it(handler, jpeg_bytes):
+    h, model_dir, cfg = handler
+    good = base64.b64encode(jpeg_bytes).decode()
+    bad = base64.b64encode(b"not an image").decode()
+    json_h = {"Content-Type": "application/json"}
+    rows = [{"body": {"instances": [{"b64": good}, {"b64": bad}, {"b64": good}]}},
+            {"body": {"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": [good, "%%"]}]}},
+            {"body": {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}},
+            {"body": {"data": [good, bad]}},
+            {"body": jpeg_bytes}]
+    out, status = _run(h, model_dir, cfg, rows, headers=[json_h] * 4 + [{}])
+    assert status == [400, 400, 400, 400, 200]
+    assert set(out[0]) == {"error"} and "image 1 of 3" in out[0]["error"]          # v1's error form
+    assert set(out[1]) == {"error"} and 'input "x" element 1' in out[1]["error"]   # v2's
+    assert "datatype BYTES" in out[2]["error"]
+    assert out[3]["type"] == "undecodable" and "image 1 of 2" in out[3]["message"]  # TorchServe's
+    assert isinstance(out[4], list) and len(out[4]) == 2
+
+
+def test_forward_passes_stay_under_the_cap_however_many_images_a_batch_carries(
+        tmp_path, three_class_checkpoint, caplog):
+    """8 requests of 20 images with max_images_per_forward 16: 160 images in 10 forward passes
+    of at most 16, each request's answers in its own order; 65 images in one request: 413."""
+    import logging
+
+    from handler.classifier_handler import ImageClassifierHandler
+    model_dir, cfg = _model_dir(tmp_path, three_class_checkpoint)
+    cfg["handler"]["max_images_per_forward"] = 16
+    h = ImageClassifierHandler()
+    h.initialize(_context(model_dir, cfg))
+    requests = [_images(20, seed=100 + 20 * r) for r in range(8)]
+    rows = [{"body": {"data": [base64.b64encode(b).decode() for b in imgs], "topk": 1}} for imgs in requests]
+    caplog.set_level(logging.INFO)
+    out, status = _run(h, model_dir, cfg, rows, headers=[{"Content-Type": "application/json"}] * 8)
+    assert status == [200] * 8
+    for imgs, answer in zip(requests, out):
+        assert [image[0]["label"] for image in answer] == \
+            [row[0] for row in _expected(three_class_checkpoint, imgs, 1)]
+    sizes = [float(m) for m in re.findall(r"classifier_batch_size\.Count:([\d.]+)", caplog.text)]
+    assert sizes and max(sizes) <= 16 and sum(sizes) == 160
+    many = {"body": {"data": [base64.b64encode(b"x").decode()] * 65}}
+    out, status = _run(h, model_dir, cfg, [many], headers=[{"Content-Type": "application/json"}])
+    assert status == [413] and "at most 64" in out[0]["message"]

@@ -18,12 +18,12 @@ IMG = b"\xff\xd8\xff\xe0fake-jpeg-bytes"
     ({"body": IMG, "model_name": "m", "topk": "4"}, {}, 4),           # /invocations?topk=4
 ])
 def test_accepted_request_forms(row, headers, expected_k):
-    data, k = parse_request(row, headers, default_topk=5)
-    assert data == IMG and k == expected_k
+    parsed = parse_request(row, headers, default_topk=5)
+    assert parsed.images == [IMG] and parsed.k == expected_k and parsed.form == "single"
 
 
 def test_topk_clamping_is_left_to_postprocessing():
-    assert parse_request({"data": IMG, "topk": "10000"}, {}, 5)[1] == 10000
+    assert parse_request({"data": IMG, "topk": "10000"}, {}, 5).k == 10000
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "abc", "2.5", "", b"x", True, 1.5, [3]])
@@ -64,7 +64,8 @@ def test_json_whose_top_level_is_not_an_object_is_a_400(body):
 def test_json_media_type_is_case_insensitive_and_takes_parameters(content_type):
     """The worker only parses the exact "application/json"; the rest arrives as bytes."""
     raw = ('{"data": "%s", "topk": 2}' % base64.b64encode(IMG).decode()).encode()
-    assert parse_request({"body": raw}, {"content-type": content_type}, 5) == (IMG, 2)
+    parsed = parse_request({"body": raw}, {"content-type": content_type}, 5)
+    assert (parsed.images, parsed.k) == ([IMG], 2)
     with pytest.raises(ClientError, match="not valid JSON"):
         parse_request({"body": b"{not json"}, {"content-type": content_type}, 5)
     with pytest.raises(ClientError, match="must be an object"):

@@ -9,6 +9,12 @@ With ``--head-from-features`` the new head is first fitted on frozen-backbone fe
 logistic regression with its L2 strength chosen on val), then the whole network is optionally
 fine-tuned for ``--epochs`` (backbone at ``--lr * --backbone-lr-scale``).
 
+Data-parallel on several processes (CPUs or GPUs): ``torchrun --nproc_per_node=N -m
+training.train ...`` (DistributedDataParallel; each process takes its shard of every epoch,
+``--batch-size`` images per process per step; gradients averaged; gloo on CPU, nccl on GPU).
+The head is fitted once, on rank 0, and DDP hands its weights to the other ranks; rank 0
+evaluates and writes every output.
+
 Writes to ``--output-dir``: ``args.yaml``, ``checkpoint_best.pt`` (by val accuracy),
 ``checkpoint_last.pt``, ``history.csv``/``history.json``, ``learning_curves.png`` and, when
 ``test/`` exists, ``test_report.json``, ``classification_report.txt``, ``confusion_matrix.png``.
@@ -27,9 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from handler.preprocessing import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
@@ -140,7 +148,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer,
     model.train()
     freeze_batchnorm_stats(model, all_norms=freeze_bn_stats)
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=desc, leave=False, unit="batch")
+    bar = tqdm(loader, desc=desc, leave=False, unit="batch", disable=rank() != 0)
     for images, targets in bar:
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
@@ -153,7 +161,33 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer,
         correct += (logits.argmax(1) == targets).sum().item()
         seen += len(targets)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
-    return {"loss": total_loss / seen, "accuracy": correct / seen}
+    if dist.is_initialized():  # the epoch's figures over every rank's shard
+        sums = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(sums)
+        total_loss, correct, seen = sums.tolist()
+    return {"loss": total_loss / seen, "accuracy": correct / seen, "images": int(seen)}
+
+
+def rank() -> int:
+    """This process's rank under torchrun (0 when not distributed)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def init_distributed(device_name: str) -> torch.device:
+    """Joins the process group torchrun describes (``WORLD_SIZE`` > 1), else does nothing.
+
+    Returns:
+        The device of this process: ``cuda:<LOCAL_RANK>`` under nccl, else as ``device_name``.
+    """
+    import os
+    device = resolve_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 @torch.inference_mode()
@@ -282,20 +316,23 @@ def main(args) -> dict:
         The best checkpoint's metrics dict (``best_val_accuracy``, ``epoch``, and
         ``test_accuracy`` when test/ exists).
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    device = init_distributed(args.device)
+    lead = rank() == 0  # rank 0 fits the head, evaluates and writes every output
+    logging.basicConfig(level=logging.INFO if lead else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    device = resolve_device(args.device)
     args.arch = canonical_arch(args.arch)
     if args.epochs is None:
         args.epochs = 0 if args.head_from_features else 10
     out = args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
     eval_tf = eval_transform(args)
     logger.info("%s, weights %s, preprocessing %s", args.arch, args.weights, eval_tf.to_dict())
-    with open(out / "args.yaml", "w") as f:
-        yaml.safe_dump(_plain_args(args), f, sort_keys=False)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "args.yaml", "w") as f:
+            yaml.safe_dump(_plain_args(args), f, sort_keys=False)
 
     train_tf = ClassificationPresetTrain(crop_size=eval_tf.crop_size, mean=eval_tf.mean,
                                          std=eval_tf.std, interpolation=eval_tf.interpolation,
@@ -324,10 +361,10 @@ def main(args) -> dict:
                 "class_names": list(classes), "preprocessing": eval_tf.to_dict(),
                 "args": _plain_args(args), "epoch": epoch, "metrics": metrics}
 
-    history, best_acc, best_metrics = [], -1.0, {}
+    history, best_acc, best_metrics, steps, sampler = [], -1.0, {}, 0, None
     start = time.perf_counter()
     scored = {}
-    if args.head_from_features:
+    if args.head_from_features and lead:  # DDP below hands the fitted head to the other ranks
         table, scored = fit_head_from_features(args, model, eval_tf, device)
         chosen = next(row for row in table if row.get("chosen"))
         best_acc = chosen["val_accuracy"]
@@ -341,7 +378,13 @@ def main(args) -> dict:
                     time.perf_counter() - start, best_acc, chosen["C"])
 
     if args.epochs > 0:
-        train_loader = DataLoader(train_ds, shuffle=True, drop_last=len(train_ds) > args.batch_size,
+        # one model over every rank: DDP broadcasts rank 0's weights (the fitted head) at start
+        # and averages the gradients; each rank takes its shard of every epoch
+        train_model = DistributedDataParallel(model) if dist.is_initialized() else model
+        sampler = (DistributedSampler(train_ds, shuffle=True, seed=args.seed)
+                   if dist.is_initialized() else None)
+        train_loader = DataLoader(train_ds, shuffle=sampler is None, sampler=sampler,
+                                  drop_last=len(train_ds) > args.batch_size * max(1, _world()),
                                   generator=torch.Generator().manual_seed(args.seed), **loader_kw)
         val_loader = DataLoader(val_ds, shuffle=False, **loader_kw)
         head_ids = {id(p) for p in (model.get_submodule(model.head_name).parameters())}
@@ -355,9 +398,16 @@ def main(args) -> dict:
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        tr = train_one_epoch(model, train_loader, criterion, optimizer, device,
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        tr = train_one_epoch(train_model, train_loader, criterion, optimizer, device,
                              f"epoch {epoch}/{args.epochs}", freeze_bn_stats=args.freeze_bn_stats)
         scheduler.step()
+        steps += len(train_loader)
+        if not lead:
+            if _stop_from_rank0(False):
+                break
+            continue
         va = evaluate(model, val_loader, criterion, device, "val")
         row = {"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                "val_loss": va["loss"], "val_accuracy": va["accuracy"],
@@ -372,10 +422,19 @@ def main(args) -> dict:
         torch.save(checkpoint(epoch, {"val_accuracy": va["accuracy"]}), out / "checkpoint_last.pt")
         write_history(history, out)
         elapsed_min = (time.perf_counter() - start) / 60
-        if args.max_train_minutes and elapsed_min * (epoch + 1) / epoch > args.max_train_minutes:
+        stop = bool(args.max_train_minutes and elapsed_min * (epoch + 1) / epoch > args.max_train_minutes)
+        if _stop_from_rank0(stop):
             logger.info("stopping after epoch %d: next epoch would pass --max-train-minutes %.1f",
                         epoch, args.max_train_minutes)
             break
+    if dist.is_initialized():
+        checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
+        logger.warning("rank %d of %d: %d optimizer steps, parameter checksum %.10e", rank(),
+                       _world(), steps, checksum)
+        dist.barrier()
+        if not lead:
+            dist.destroy_process_group()
+            return {}
     if history:
         plot_learning_curves(history, out / "learning_curves.png")
     train_minutes = (time.perf_counter() - start) / 60
@@ -405,7 +464,29 @@ def main(args) -> dict:
         json.dump(best_metrics, f, indent=2)
     logger.info("best val accuracy %.4f at epoch %d; %.1f min; outputs in %s",
                 best_acc, best_metrics["epoch"], train_minutes, out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return best_metrics
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors live: the GPU under nccl, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _stop_from_rank0(stop: bool) -> bool:
+    """Rank 0's decision to stop training, the same on every rank."""
+    if not dist.is_initialized():
+        return stop
+    flag = torch.tensor([int(stop)], device=_comm_device())
+    dist.broadcast(flag, 0)
+    return bool(flag.item())
 
 
 def choose_tta(args, model: nn.Module, val_ds, loader_kw: dict, criterion,

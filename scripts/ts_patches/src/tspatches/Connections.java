@@ -16,11 +16,14 @@
  *    answer as another's. The next request is passed on only once the previous answer is written
  *    (at most MAX_WAITING held; reading pauses beyond that). A request the HTTP decoder could not
  *    parse (binary junk, a negative Content-Length) is answered 400 and the connection closed.
- *  - ts-register (after ts-order): POST /models with a model_name that is not a plain name
+ *  - ts-register (after ts-order): an application/x-www-form-urlencoded body on an inference route
+ *    (curl --data-binary's default) is passed on as application/octet-stream: the image. And
+ *    POST /models with a model_name that is not a plain name
  *    (letters, digits, '_', '-', '.', starting with a letter or digit, no "..") or a url that is
  *    not a plain file name in the model store (no '/', '\', "..", control characters) is refused
  *    400. Such a name registered a worker no REST path could reach or remove ("../../x"), and
- *    "foo/" registered the model store folder itself.
+ *    "foo/" registered the model store folder itself. GET requests for the Open Inference
+ *    Protocol's health and model routes are answered there too (V2Routes).
  */
 package tspatches;
 
@@ -246,6 +249,11 @@ public final class Connections {
         public void channelRead(ChannelHandlerContext ctx, Object msg) {
             if (msg instanceof FullHttpRequest) {
                 FullHttpRequest req = (FullHttpRequest) msg;
+                rawBodyForInference(req);
+                if (req.method() == HttpMethod.GET && V2Routes.answer(ctx, req)) {
+                    ReferenceCountUtil.release(msg);
+                    return;
+                }
                 String problem = req.method() == HttpMethod.POST ? check(req) : null;
                 if (problem != null) {
                     ReferenceCountUtil.release(msg);
@@ -257,6 +265,27 @@ public final class Connections {
                 }
             }
             ctx.fireChannelRead(msg);
+        }
+
+        /**
+         * curl --data-binary @photo.jpg without -H "Content-Type: ..." sends the image as
+         * application/x-www-form-urlencoded; the frontend then parsed it as form fields and
+         * answered 500 ErrorDataDecoderException (or handed the handler form fields). On the
+         * inference routes such a body is the image itself: it goes on as
+         * application/octet-stream.
+         */
+        static void rawBodyForInference(FullHttpRequest req) {
+            String type = req.headers().get(HttpHeaderNames.CONTENT_TYPE);
+            if (type == null || !type.toLowerCase().startsWith("application/x-www-form-urlencoded")) {
+                return;
+            }
+            String path = new QueryStringDecoder(req.uri()).path();
+            if (path.startsWith("/predictions/") || path.startsWith("/invocations")
+                    || path.startsWith("/explanations/")
+                    || (path.startsWith("/v1/models/") && (path.endsWith(":predict") || path.endsWith(":explain")))
+                    || (path.startsWith("/v2/models/") && (path.endsWith("/infer") || path.endsWith("/explain")))) {
+                req.headers().set(HttpHeaderNames.CONTENT_TYPE, HttpHeaderValues.APPLICATION_OCTET_STREAM);
+            }
         }
 
         static String check(FullHttpRequest req) {
