@@ -5,6 +5,7 @@
 #   ASM, the bytecode library the agent bundles: libasm-java (/usr/share/java/asm.jar)
 #   Prometheus (the monitoring test scrapes TorchServe with a real one): prometheus
 #   curl (an e2e test sends a photo the way the README's curl lines do): curl
+#   unzip (scripts/ts_patches/build.sh bundles ASM's classes): unzip
 set -euo pipefail
 java_major() { java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1; }
 javac_major() { javac -version 2>&1 | sed -n 's/^javac \([0-9]*\).*/\1/p' | head -1; }
@@ -25,11 +26,13 @@ if command -v prometheus >/dev/null 2>&1; then
 else
   missing+=(prometheus)
 fi
-if command -v curl >/dev/null 2>&1; then
-  echo "curl found: $(command -v curl)"
-else
-  missing+=(curl)
-fi
+for tool in curl unzip; do
+  if command -v "$tool" >/dev/null 2>&1; then
+    echo "$tool found: $(command -v "$tool")"
+  else
+    missing+=("$tool")
+  fi
+done
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "installing ${missing[*]}"
 if ! command -v apt-get >/dev/null 2>&1; then
