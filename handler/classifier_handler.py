@@ -156,7 +156,7 @@ class ImageClassifierHandler(BaseHandler):
 
     def _init_metrics(self, context) -> None:
         """Looks up (or, if the metrics config lacks them, creates) the handler's metrics."""
-        self.metric_dims = [context.model_name, str(self.manifest["model"].get("modelVersion", ""))]
+        self.metric_dims = [context.model_name, self.model_version]
         self.worker_dim = str(os.getpid())
         self.metrics = {}
         cache = context.metrics
@@ -187,12 +187,11 @@ class ImageClassifierHandler(BaseHandler):
         tensors: list[torch.Tensor] = []
         for idx, row in enumerate(data):
             headers = (self.context.get_all_request_header(idx) if self.context else {}) or {}
-            form = protocol_of(row, headers)
+            parsed = None
             try:
                 start = time.perf_counter()
                 parsed = parse_request(row, headers, self.default_topk,
                                        self.settings.max_images_per_request)
-                form = parsed.form
                 images = []
                 for i, payload in enumerate(parsed.images):
                     try:
@@ -205,12 +204,13 @@ class ImageClassifierHandler(BaseHandler):
                 for _ in images:
                     self._observe("classifier_preprocess_seconds", per_image)
                 self._observe("classifier_images_per_request", len(images))
-            except ClientError as exc:
-                batch.errors[idx] = (exc, form)
+            except ClientError as exc:  # answered in the request's protocol, parsed or not
+                batch.errors[idx] = (exc, parsed.form if parsed else protocol_of(row, headers))
                 continue
             except Exception:  # a decoder bug must not fail the other requests
                 logger.exception("request %d: unexpected preprocessing failure", idx)
-                batch.errors[idx] = (InternalError("internal error while decoding the image"), form)
+                batch.errors[idx] = (InternalError("internal error while decoding the image"),
+                                     parsed.form if parsed else protocol_of(row, headers))
                 continue
             batch.requests[idx] = parsed
             batch.spans[idx] = (len(tensors), len(tensors) + len(images))

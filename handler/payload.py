@@ -1,4 +1,5 @@
-"""Request parsing for the handler: what TorchServe's worker delivers -> (image bytes, k).
+"""Request parsing for the handler: what TorchServe's worker delivers -> ``Parsed`` (the
+encoded images, k, and the protocol form to answer in).
 
 No TorchServe import: unit-tested without a server.
 """
@@ -98,6 +99,8 @@ def parse_topk(value: Any, default: int) -> int:
 #   "v2":     the Open Inference Protocol, one BYTES input tensor of shape [N]
 #             -> {"model_name", "model_version", "id", "outputs": [labels, probabilities, indices]}.
 FORMS = ("single", "list", "v1", "v2")
+# most images one request may carry, unless handler.max_images_per_request says otherwise
+DEFAULT_MAX_IMAGES_PER_REQUEST = 64
 # multipart / query fields that are parameters, not images
 PARAMETER_FIELDS = ("topk", "model_name")
 # Open Inference Protocol's binary tensor data extension: the JSON header's length, when the
@@ -253,7 +256,8 @@ def protocol_of(row: dict, headers: dict) -> str:
     return "single"
 
 
-def parse_request(row: dict, headers: dict, default_topk: int, max_images: int = 64) -> Parsed:
+def parse_request(row: dict, headers: dict, default_topk: int,
+                  max_images: int = DEFAULT_MAX_IMAGES_PER_REQUEST) -> Parsed:
     """Parses one request, as the TorchServe worker delivers it, in any accepted form.
 
     Args:

@@ -1,5 +1,6 @@
 """The handler's settings: the ``handler:`` section of the archive's ``model-config.yaml``,
-parsed once into a typed object, every default in this file.
+parsed once into a typed object; every default is named here (the decode budget's come from
+``preprocessing.DecodeBudget``, the image count's from ``payload``).
 
 A misspelt key is an error at load time that names the key and the accepted ones, not a
 setting silently left at its default. ``training/archive.py`` writes the section from these
@@ -12,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from handler.backends import BACKENDS, TORCH_BACKENDS
+from handler.payload import DEFAULT_MAX_IMAGES_PER_REQUEST
 from handler.preprocessing import DEFAULT_DECODE_BUDGET, DecodeBudget, EvalTransform
 
 DEFAULT_TOPK = 5
@@ -52,7 +54,7 @@ class HandlerSettings:
     backend: str = "eager"
     gpu_backends: Optional[tuple[str, ...]] = None
     retain_heap_mb: int = DEFAULT_RETAIN_HEAP_MB
-    max_images_per_request: int = 64
+    max_images_per_request: int = DEFAULT_MAX_IMAGES_PER_REQUEST
     max_images_per_forward: int = 32
     max_jpeg_scans: int = DEFAULT_DECODE_BUDGET.max_jpeg_scans
     max_jpeg_scan_megapixels: float = DEFAULT_DECODE_BUDGET.max_jpeg_scan_megapixels

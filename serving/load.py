@@ -12,6 +12,8 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+from urllib3.filepost import encode_multipart_formdata
+
 from serving.metrics import server_totals
 from serving.server import TorchServe
 
@@ -45,13 +47,12 @@ class Client:
             return 0
 
 
-def multipart(images: list[bytes], boundary: str = "tsbench7f3a") -> tuple[bytes, str]:
+def multipart(images: list[bytes]) -> tuple[bytes, str]:
     """A multipart/form-data body with one file field per image (``image0``, ``image1``, ...),
-    as ``curl -F image0=@a.jpg -F image1=@b.jpg`` sends it. Returns (body, Content-Type)."""
-    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"image{i}\"; "
-             f"filename=\"{i}.jpg\"\r\nContent-Type: application/octet-stream\r\n\r\n".encode() + img + b"\r\n"
-             for i, img in enumerate(images)]
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+    as ``curl -F image0=@a.jpg -F image1=@b.jpg`` sends it (urllib3's encoder). Returns
+    (body, Content-Type)."""
+    return encode_multipart_formdata(
+        [(f"image{i}", (f"{i}.jpg", img, "application/octet-stream")) for i, img in enumerate(images)])
 
 
 def sweep_point(ts: TorchServe, model: str, images: list[bytes], concurrency: int, requests_n: int,

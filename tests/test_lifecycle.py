@@ -46,7 +46,7 @@ def api(ts: TorchServe) -> Management:
 
 
 def cli(ts: TorchServe, *argv: str) -> int:
-    """Runs scripts/manage.py against ``ts``; returns its exit code."""
+    """Runs ``python -m scripts.manage`` (its main) against ``ts``; returns its exit code."""
     args = manage.get_args_parser().parse_args(
         ["--url", ts.url("management"), "--key-file", str(ts.workdir / "key_file.json"), *argv])
     return manage.main(args)

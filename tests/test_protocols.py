@@ -126,6 +126,10 @@ def test_several_images_on_predictions(server, expected):
     files = [(f"image{i}", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(IMAGES[:3])]
     r = post(server, url, files=files + [("topk", (None, "1"))])
     assert r.status_code == 200 and [[p["label"] for p in i] for i in r.json()] == expected(IMAGES[:3], 1)
+    from serving.load import multipart  # the benchmark's several-images body
+    body, content_type = multipart(IMAGES[:4])
+    r = post(server, url, data=body, headers={"Content-Type": content_type})
+    assert r.status_code == 200 and [[p["label"] for p in i] for i in r.json()] == expected(IMAGES[:4], 3)
     r = post(server, url, files=[("data", ("0.jpg", IMAGES[0], "image/jpeg"))])  # one: the single form
     assert r.status_code == 200 and [p["label"] for p in r.json()] == expected(IMAGES[:1], 3)[0]
 

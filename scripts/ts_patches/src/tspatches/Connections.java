@@ -34,7 +34,6 @@ import io.netty.buffer.Unpooled;
 import io.netty.channel.Channel;
 import io.netty.channel.ChannelDuplexHandler;
 import io.netty.channel.ChannelFutureListener;
-import io.netty.channel.ChannelHandler;
 import io.netty.channel.ChannelHandlerContext;
 import io.netty.channel.ChannelInboundHandlerAdapter;
 import io.netty.channel.ChannelPipeline;
@@ -103,10 +102,6 @@ public final class Connections {
             p.addAfter("aggregator", "ts-order", new InOrder());
             p.addAfter("ts-order", "ts-register", new RegistrationCheck());
         }
-    }
-
-    static boolean isRequest(Object msg) {
-        return msg instanceof FullHttpRequest;
     }
 
     static FullHttpResponse plain(HttpResponseStatus status, String json) {
@@ -181,7 +176,7 @@ public final class Connections {
                 ctx.writeAndFlush(r).addListener(ChannelFutureListener.CLOSE);
                 return;
             }
-            if (!isRequest(msg)) {
+            if (!(msg instanceof FullHttpRequest)) {
                 ctx.fireChannelRead(msg);
                 return;
             }
@@ -243,7 +238,6 @@ public final class Connections {
     }
 
     /** Refuses registrations whose model name or url is not a plain name. */
-    @ChannelHandler.Sharable
     static final class RegistrationCheck extends ChannelInboundHandlerAdapter {
         @Override
         public void channelRead(ChannelHandlerContext ctx, Object msg) {
