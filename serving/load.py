@@ -14,7 +14,7 @@ from typing import Optional
 
 from urllib3.filepost import encode_multipart_formdata
 
-from serving.metrics import server_totals
+from serving.metrics import server_totals, settled_totals
 from serving.server import TorchServe
 
 
@@ -91,7 +91,7 @@ def sweep_point(ts: TorchServe, model: str, images: list[bytes], concurrency: in
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(send, range(requests_n)))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    d = {k: v - before[k] for k, v in server_totals(ts.url("metrics"), model).items()}
+    d = settled_totals(ts.url("metrics"), model, before, requests_n * images_per_request)
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
     point = {"concurrency": concurrency, "requests": requests_n, "errors": errors,
              "images_per_request": images_per_request,

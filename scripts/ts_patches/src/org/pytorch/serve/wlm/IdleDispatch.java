@@ -7,11 +7,13 @@
  * batch of one.
  *
  * With the agent, pollBatch reads its delay from maxBatchDelay(model) instead of the field:
- *   - the model's last batch held one job (or none was dispatched yet) and no job is
- *     waiting: 0 ms, so the first job goes out with whatever is already queued (upstream's
- *     loop takes at most one more at 0 ms);
- *   - otherwise (the last batch had several jobs, or jobs are queued): maxBatchDelay, as
- *     upstream. A burst after an idle spell therefore costs one short batch, after which the
+ *   - the model's last batch held one job (or none was dispatched yet) and at most one job
+ *     is waiting: 0 ms, so the first job goes out with whatever is already queued
+ *     (upstream's loop takes at most one more at 0 ms). "At most one", not "none": the read
+ *     happens when the worker comes back for its next batch, and a client that sends its
+ *     next request as soon as it reads the previous answer is often quicker than that;
+ *   - otherwise (the last batch had several jobs, or two or more are queued):
+ *     maxBatchDelay, as upstream. A burst after an idle spell therefore costs one short batch, after which the
  *     queue is non-empty and batching resumes.
  * Under load (batches of two or more) nothing changes. Turned off by setting the environment
  * variable TS_IDLE_DISPATCH=0 for the frontend.
@@ -37,7 +39,7 @@ public final class IdleDispatch {
             return configured;
         }
         Integer last = LAST_BATCH.get(model);
-        boolean idle = (last == null || last <= 1) && model.getPendingRequestsInJobQueue() == 0;
+        boolean idle = (last == null || last <= 1) && model.getPendingRequestsInJobQueue() <= 1;
         return idle ? 0 : configured;
     }
 
