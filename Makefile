@@ -1,6 +1,8 @@
 # make demo | make demo DATA=path/to/images | make test   (see README.md)
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
+# The KServe SDK in a venv of its own (its pins clash with TorchServe's): the manifest check only.
+KSERVE_STAMP := .venv-kserve/.installed-$(shell sha1sum requirements-kserve.txt | cut -c1-12)
 
 DATA ?=
 # SCRATCH=1: train DenseNet121 from random weights instead (the settings used before pretrained
@@ -30,17 +32,24 @@ endif
 MODEL ?= $(notdir $(patsubst %/,%,$(if $(strip $(DATA)),$(DATA),digits)))
 export DATA MODEL TRAIN_ARGS ARCHIVE_ARGS
 
-.PHONY: setup system-deps demo test test-unit serve stop clean
+.PHONY: setup system-deps demo test test-unit serve stop clean kserve
 
 PATCHES := build/ts-patches.jar
 
-setup: $(STAMP) system-deps $(PATCHES)
+setup: $(STAMP) $(KSERVE_STAMP) system-deps $(PATCHES)
 
 $(STAMP): requirements.txt
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
 	.venv/bin/pip install -q -r requirements.txt
 	rm -f .venv/.installed-*
+	touch $@
+
+$(KSERVE_STAMP): requirements-kserve.txt
+	python3 -m venv .venv-kserve
+	.venv-kserve/bin/pip install -q --upgrade pip
+	.venv-kserve/bin/pip install -q -r requirements-kserve.txt
+	rm -f .venv-kserve/.installed-*
 	touch $@
 
 system-deps:
@@ -61,6 +70,12 @@ test-unit: setup
 
 serve: setup
 	$(PY) -m scripts.serve start --models $(MODEL)=$(MODEL).mar
+
+# KServe storage layout and manifests for model_store/$(MODEL).mar (README "KServe"), validated.
+kserve: setup
+	$(PY) -m scripts.kserve storage --model $(MODEL)
+	.venv-kserve/bin/python -m scripts.kserve validate build/kserve/servingruntime.yaml \
+	  build/kserve/$(MODEL)/inferenceservice.yaml
 
 stop:
 	$(PY) -m scripts.serve stop
