@@ -16,6 +16,10 @@ request may carry several images):
   * ``POST /invocations?model_name=<m>&topk=3`` (the only route whose query string
     TorchServe 0.12 forwards to the handler)
 
+Explanations (``POST /explanations/<m>``, ``/v1/models/<m>:explain``, ``/v2/models/<m>/explain``;
+the same request forms): per image, the top-1 class and a saliency map of where the model
+looked (``handler/explanations.py``), on the eager model whatever back-end serves predictions.
+
 Answer per image: ``[{"label", "index", "probability"}, ...]`` sorted by probability,
 ``min(topk, classes)`` records, wrapped as the request's form asks (``postprocessing.answer``).
 A bad request gets a 4xx JSON body in its protocol's form for that request alone; the other
@@ -38,7 +42,8 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler.architectures import load_trained
 from handler.backends import ONNX_FILES, default_threads, fastest, make_runner, retain_heap
-from handler.payload import Batch, InternalError, parse_request, protocol_of
+from handler.explanations import explanation_answer, explanation_records, saliency
+from handler.payload import Batch, InternalError, TooManyImagesError, parse_request, protocol_of
 from handler.postprocessing import answer, error_answer, topk_records
 from handler.preprocessing import ClientError
 from handler.settings import HandlerSettings
@@ -104,7 +109,8 @@ class ImageClassifierHandler(BaseHandler):
             self.device = torch.device("cpu")
         self.map_location = self.device.type
 
-        serialized = os.path.join(model_dir, self.manifest["model"]["serializedFile"])
+        self.serialized = serialized = os.path.join(model_dir, self.manifest["model"]["serializedFile"])
+        self._explain_model = None  # the eager model explanations need, built at the first one
         exported = torch.load(serialized, map_location="cpu", weights_only=True)
         with open(os.path.join(model_dir, "index_to_name.json")) as f:
             index_to_name = json.load(f)
@@ -175,6 +181,76 @@ class ImageClassifierHandler(BaseHandler):
     def _observe(self, name: str, value: float, *extra_dims: str) -> None:
         self.metrics[name].add_or_update(value, self.metric_dims + list(extra_dims))
 
+    def handle(self, data: list, context) -> list:
+        """One batch of requests: ``BaseHandler.handle``, with explanations decided per request.
+
+        ``BaseHandler`` looks at the first request's ``explain`` header alone, so a batch that
+        mixes ``/predictions`` and ``/explanations`` requests (the frontend batches both from
+        one queue) would answer every request the first one's way. Here the predictions go
+        through ``inference`` + ``postprocess`` and the explanations through ``explain_batch``,
+        and each request gets its own kind of answer.
+        """
+        start = time.time()
+        self.context = context
+        if self._is_describe():
+            output = [self.describe_handle()]
+        else:
+            batch = self.preprocess(data)
+            output = self.postprocess(self.inference(
+                batch.subset(set(range(batch.size)) - batch.explain) if batch.explain else batch))
+            if batch.explain:
+                explained = self.explain_batch(batch.subset(batch.explain))
+                for idx in batch.explain:
+                    output[idx] = explained[idx]
+        context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
+        return output
+
+    def _wants_explanation(self, idx: int) -> bool:
+        """The frontend's ``explain`` header of request ``idx``: it adds ``False`` to every
+        request and then ``True`` on the explanation routes; the last value wins, so a
+        client's own ``explain`` header does not turn a prediction into an explanation."""
+        return bool(self.context) and self.context.get_request_header(idx, "explain") == "True"
+
+    def _explanation_model(self) -> torch.nn.Module:
+        """The fp32 eager model (built from the archive's weights at the first explanation:
+        an ONNX Runtime or bf16 back-end has no gradients to give)."""
+        if self._explain_model is None:
+            exported = torch.load(self.serialized, map_location="cpu", weights_only=True)
+            self._explain_model = load_trained(
+                exported["arch"], exported["num_classes"], exported.get("head"),
+                exported["state_dict"], exported.get("tta")).to(self.device).eval()
+            for p in self._explain_model.parameters():
+                p.requires_grad_(False)
+        return self._explain_model
+
+    def explain_batch(self, batch: Batch) -> list:
+        """Answers the explanation requests of ``batch``: per image, the top-1 class and its
+        saliency map (``explanations.saliency``: ``explain_steps`` integration steps, an
+        ``explain_grid`` x ``explain_grid`` map), in each request's form; errors as in
+        ``postprocess``. Returns one answer per request index (None for the others)."""
+        out: list = [None] * batch.size
+        if batch.pixels is not None:
+            model = self._explanation_model()
+            chunk = self.settings.max_images_per_forward
+            records = []
+            for first in range(0, len(batch.pixels), chunk):
+                pixels = batch.pixels[first:first + chunk].to(self.device)
+                probs, maps = saliency(model, self.transform.normalize(pixels),
+                                       self.settings.explain_steps, self.settings.explain_grid)
+                records += explanation_records(probs, maps, self.labels)
+            for idx, parsed in batch.requests.items():
+                first, end = batch.spans[idx]
+                out[idx] = explanation_answer(parsed.form, records[first:end],
+                                              model_name=self.model_name,
+                                              model_version=self.model_version,
+                                              request_id=parsed.request_id)
+        for idx, (exc, form) in batch.errors.items():
+            out[idx] = error_answer(form, exc.to_json())
+            self._observe(self.REJECTED, 1, exc.reason)
+            if self.context is not None:
+                self.context.set_response_status(exc.status, HTTPStatus(exc.status).phrase, idx)
+        return out
+
     def preprocess(self, data: list[dict]) -> Batch:
         """Parses each request (one or several images, any accepted form), then decodes,
         resizes and crops every image.
@@ -187,11 +263,19 @@ class ImageClassifierHandler(BaseHandler):
         tensors: list[torch.Tensor] = []
         for idx, row in enumerate(data):
             headers = (self.context.get_all_request_header(idx) if self.context else {}) or {}
+            if self._wants_explanation(idx):
+                batch.explain.add(idx)
             parsed = None
             try:
                 start = time.perf_counter()
                 parsed = parse_request(row, headers, self.default_topk,
                                        self.settings.max_images_per_request)
+                if idx in batch.explain:
+                    cap = self.settings.max_images_per_explanation
+                    if len(parsed.images) > cap:
+                        raise TooManyImagesError(
+                            f"{len(parsed.images)} images in one explanation request: at most "
+                            f"{cap} (handler.max_images_per_explanation); split the request")
                 images = []
                 for i, payload in enumerate(parsed.images):
                     try:

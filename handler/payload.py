@@ -46,6 +46,8 @@ class Batch:
         spans: request index -> (first, end) rows of its images in ``pixels``.
         errors: request index -> the client error it gets, and the form to answer it in.
         probs: float32 [M, C] softmax probabilities, set by ``inference``.
+        explain: indices of the requests that asked for an explanation (the frontend's
+            ``explain: True`` header: ``/explanations``, ``:explain``, ``/explain`` routes).
     """
 
     size: int
@@ -54,6 +56,22 @@ class Batch:
     spans: dict[int, tuple[int, int]] = field(default_factory=dict)
     errors: dict[int, tuple[ClientError, str]] = field(default_factory=dict)
     probs: Optional[torch.Tensor] = None
+    explain: set[int] = field(default_factory=set)
+
+    def subset(self, indices: set[int]) -> "Batch":
+        """The requests ``indices`` alone, as a batch of the same ``size`` (request indices
+        keep their meaning; ``pixels`` holds only their images, ``spans`` re-based)."""
+        out = Batch(size=self.size, errors={i: e for i, e in self.errors.items() if i in indices},
+                    explain=self.explain & set(indices))
+        rows: list[int] = []
+        for idx in sorted(i for i in self.requests if i in indices):
+            first, end = self.spans[idx]
+            out.requests[idx] = self.requests[idx]
+            out.spans[idx] = (len(rows), len(rows) + end - first)
+            rows.extend(range(first, end))
+        if rows:
+            out.pixels = self.pixels[rows]
+        return out
 
 
 def _header(headers: dict, name: str) -> str:

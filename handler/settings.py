@@ -44,6 +44,10 @@ class HandlerSettings:
             batch's requests carry (8 requests of 20 images run as chunks of this size).
         max_jpeg_scans, max_jpeg_scan_megapixels: the decode budget of a JPEG
             (``preprocessing.DecodeBudget``); over it a request gets 413 before decoding.
+        explain_steps: integration steps of an explanation (``explanations.saliency``; each
+            costs a forward and a backward pass per image).
+        explain_grid: side of an explanation's saliency map, cells.
+        max_images_per_explanation: most images one explanation request may carry (more: 413).
         backend_selection, quantization: the archive step's record of why this back-end (its
             timings and accuracy gate). Read by people, not by the handler.
     """
@@ -58,6 +62,9 @@ class HandlerSettings:
     max_images_per_forward: int = 32
     max_jpeg_scans: int = DEFAULT_DECODE_BUDGET.max_jpeg_scans
     max_jpeg_scan_megapixels: float = DEFAULT_DECODE_BUDGET.max_jpeg_scan_megapixels
+    explain_steps: int = 16
+    explain_grid: int = 32
+    max_images_per_explanation: int = 4
     backend_selection: Optional[dict] = None
     quantization: Optional[dict] = None
 
@@ -83,7 +90,8 @@ class HandlerSettings:
         values["preprocessing"] = EvalTransform.from_dict(section["preprocessing"])
         for name, low in (("topk", 1), ("num_threads", 0), ("retain_heap_mb", 0),
                           ("max_jpeg_scans", 1), ("max_images_per_request", 1),
-                          ("max_images_per_forward", 1)):
+                          ("max_images_per_forward", 1), ("explain_steps", 1),
+                          ("explain_grid", 1), ("max_images_per_explanation", 1)):
             if name in values:
                 value = values[name]
                 if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -151,3 +151,42 @@ def test_v2_health_readiness_and_metadata(server):
     assert [o["name"] for o in meta["outputs"]] == ["labels", "probabilities", "indices"]
     server_meta = requests.get(f"{base}/v2", headers=server.headers("inference"), timeout=10).json()
     assert server_meta["name"] == "torchserve"
+
+
+def test_explanations_on_every_route(server, expected):
+    """TorchServe's explanations API on the three routes: per image, the top-1 class (the
+    prediction's) and a square saliency map that follows the image; bad input is a 4xx in the
+    route's form; a client's own ``explain`` header does not turn a prediction into one."""
+    r = post(server, f"/explanations/{MODEL}", data=IMAGES[0],
+             headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    one = r.json()
+    grid = len(one["saliency"])
+    assert grid > 1 and {len(row) for row in one["saliency"]} == {grid}
+    assert one["label"] == expected(IMAGES[:1], 1)[0][0] and one["method"] == "integrated_gradients"
+    assert max(max(row) for row in one["saliency"]) == 1.0 and min(min(row) for row in one["saliency"]) >= 0
+    r = post(server, f"/v1/models/{MODEL}:explain", json={"instances": [{"b64": b} for b in B64[:2]]})
+    assert r.status_code == 200, r.text
+    v1 = r.json()["explanations"]
+    assert [e["label"] for e in v1] == [top[0] for top in expected(IMAGES[:2], 1)]
+    assert v1[0]["saliency"] == one["saliency"] and v1[1]["saliency"] != one["saliency"]
+    r = post(server, f"/v2/models/{MODEL}/explain",
+             json={"id": "x1", "inputs": [{"name": "images", "shape": [2], "datatype": "BYTES", "data": B64[:2]}]})
+    assert r.status_code == 200, r.text
+    maps = next(o for o in r.json()["outputs"] if o["name"] == "saliency")
+    assert r.json()["id"] == "x1" and maps["shape"] == [2, grid, grid]
+    assert maps["data"][:grid] == v1[0]["saliency"][0]
+    # bad input, in each route's form
+    r = post(server, f"/explanations/{MODEL}", data=b"not an image",
+             headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 400 and r.json()["type"] == "undecodable"
+    r = post(server, f"/v1/models/{MODEL}:explain", json={"instances": [{"b64": "%%"}]})
+    assert r.status_code == 400 and "error" in r.json()
+    r = post(server, f"/v2/models/{MODEL}/explain", json={"inputs": [{"name": "x", "shape": [1],
+                                                                      "datatype": "FP32", "data": [1.0]}]})
+    assert r.status_code == 400 and "BYTES" in r.json()["error"]
+    r = post(server, f"/explanations/{MODEL}", json={"data": B64[:5]})
+    assert r.status_code == 413 and "max_images_per_explanation" in r.json()["message"]
+    r = post(server, f"/predictions/{MODEL}", data=IMAGES[0],
+             headers={"Content-Type": "application/octet-stream", "explain": "True"})
+    assert r.status_code == 200 and [p["label"] for p in r.json()] == expected(IMAGES[:1], 3)[0]
