@@ -12,7 +12,7 @@ SCRATCH ?=
 # a linear head fitted on cached frozen features, then the whole network fine-tuned with its batch
 # norm statistics frozen ("Training" in the README says how the recipe was chosen, on val/).
 TRANSFER := --arch tf_efficientnet_lite0 --weights package --head-from-features --freeze-bn-stats \
-  --lr-warmup-epochs 1 --workers 1 --tta auto
+  --lr-warmup-epochs 1 --workers 1 --tta auto --wise-ft auto
 ifeq ($(strip $(DATA)),)
 # Offline default: sklearn's handwritten digits as an ImageFolder (8x8 scans upscaled to 32 px).
 ifeq ($(strip $(SCRATCH)),)
@@ -32,7 +32,7 @@ endif
 MODEL ?= $(notdir $(patsubst %/,%,$(if $(strip $(DATA)),$(DATA),digits)))
 export DATA MODEL TRAIN_ARGS ARCHIVE_ARGS
 
-.PHONY: setup system-deps demo test test-unit serve stop clean kserve
+.PHONY: setup system-deps demo test test-unit serve stop clean kserve page
 
 PATCHES := build/ts-patches.jar
 
@@ -76,6 +76,12 @@ kserve: setup
 	$(PY) -m scripts.kserve storage --model $(MODEL)
 	.venv-kserve/bin/python -m scripts.kserve validate build/kserve/servingruntime.yaml \
 	  build/kserve/$(MODEL)/inferenceservice.yaml
+
+# The page for people on http://127.0.0.1:8090/ (a running server: make serve MODEL=...), with the
+# model's held-out photos (DATA/test, else DATA/val) as examples.
+EXAMPLES ?= $(firstword $(wildcard $(DATA)/test $(DATA)/val))
+page: setup
+	$(PY) -m scripts.page $(if $(strip $(EXAMPLES)),--examples $(EXAMPLES))
 
 stop:
 	$(PY) -m scripts.serve stop

@@ -237,7 +237,8 @@ class ImageClassifierHandler(BaseHandler):
                 pixels = batch.pixels[first:first + chunk].to(self.device)
                 probs, maps = saliency(model, self.transform.normalize(pixels),
                                        self.settings.explain_steps, self.settings.explain_grid)
-                records += explanation_records(probs, maps, self.labels)
+                records += explanation_records(
+                    probs, maps, self.labels, self.transform.crop_size / self.transform.resize_size)
             for idx, parsed in batch.requests.items():
                 first, end = batch.spans[idx]
                 out[idx] = explanation_answer(parsed.form, records[first:end],

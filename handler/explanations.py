@@ -8,7 +8,9 @@ Method: Captum's ``IntegratedGradients`` (Sundararajan et al., 2017, "Axiomatic 
 for Deep Networks"), from a baseline of zeros in the normalized input space (the
 normalization's mean colour, a flat grey), ``steps`` points on the path. The attribution's
 absolute value summed over the colour channels is average-pooled to ``grid`` x ``grid`` cells
-(so the answer stays small: 32 x 32 floats per image) and scaled so the largest cell is 1.
+(so the answer stays small: 32 x 32 floats per image) and divided by its 99th percentile, clipped
+to 1: integrated gradients are spiky, and scaling by the single largest cell would leave all but a
+few cells near 0 (Captum's own visualization clips the top 2 % the same way).
 It needs gradients, so it runs on the eager torch model whatever back-end serves predictions.
 """
 
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 METHOD = "integrated_gradients"
+CLIP_QUANTILE = 0.99  # cells at or above it show as 1
 
 
 def saliency(model: torch.nn.Module, x: torch.Tensor, steps: int = 16, grid: int = 32,
@@ -35,8 +38,8 @@ def saliency(model: torch.nn.Module, x: torch.Tensor, steps: int = 16, grid: int
 
     Returns:
         ``(probs, maps)``: softmax probabilities float32 [N, C] and saliency float32
-        [N, grid, grid] in [0, 1] (1 at each image's largest cell; all 0 when the attribution
-        is 0 everywhere).
+        [N, grid, grid] in [0, 1] (1 at and above each image's 99th percentile; all 0 when the
+        attribution is 0 everywhere).
     """
     from captum.attr import IntegratedGradients
 
@@ -51,26 +54,31 @@ def saliency(model: torch.nn.Module, x: torch.Tensor, steps: int = 16, grid: int
             internal_batch_size=max(steps, 1))
     heat = attributions.detach().abs().sum(dim=1, keepdim=True)
     pooled = F.adaptive_avg_pool2d(heat, min(grid, heat.shape[-2], heat.shape[-1]))[:, 0]
-    top = pooled.flatten(1).amax(dim=1).clamp_min(torch.finfo(pooled.dtype).tiny)
-    return probs, (pooled / top[:, None, None]).float()
+    top = pooled.flatten(1).quantile(CLIP_QUANTILE, dim=1)
+    top = torch.where(top > 0, top, pooled.flatten(1).amax(dim=1)).clamp_min(torch.finfo(pooled.dtype).tiny)
+    return probs, (pooled / top[:, None, None]).clamp(max=1.0).float()
 
 
 def explanation_records(probs: torch.Tensor, maps: torch.Tensor, labels: list[str],
-                        decimals: int = 3) -> list[dict]:
+                        crop_fraction: float = 1.0, decimals: int = 3) -> list[dict]:
     """One record per image: the explained (top-1) class and its map.
 
     Args:
         probs: float32 [N, C] softmax probabilities.
         maps: float32 [N, g, g] from ``saliency``.
         labels: class names, index order.
+        crop_fraction: ``crop_size / resize_size`` of the model's ``EvalTransform``: the map
+            covers the photo's central square of this fraction of its shorter side.
         decimals: rounding of the map's values (the answer's size).
 
     Returns:
-        ``[{"label", "index", "probability", "method", "saliency": [[g floats] x g]}, ...]``.
+        ``[{"label", "index", "probability", "method", "crop_fraction",
+        "saliency": [[g floats] x g]}, ...]``, the map's rows top to bottom.
     """
     top_p, top_i = probs.max(dim=1)
     return [{"label": labels[int(i)], "index": int(i), "probability": round(float(p), 4),
-             "method": METHOD, "saliency": [[round(float(v), decimals) for v in row] for row in m]}
+             "method": METHOD, "crop_fraction": round(crop_fraction, 4),
+             "saliency": [[round(float(v), decimals) for v in row] for row in m]}
             for p, i, m in zip(top_p, top_i, maps)]
 
 
@@ -103,6 +111,7 @@ def explanation_answer(form: str, records: list[dict], *, model_name: str = "",
         out["id"] = request_id
     out["outputs"] = [
         {"name": "saliency", "datatype": "FP32", "shape": [n, g, g],
+         "parameters": {"crop_fraction": records[0]["crop_fraction"] if records else 1.0},
          "data": [v for r in records for row in r["saliency"] for v in row]},
         {"name": "labels", "datatype": "BYTES", "shape": [n], "data": [r["label"] for r in records]},
         {"name": "probabilities", "datatype": "FP32", "shape": [n],

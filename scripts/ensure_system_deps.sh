@@ -6,6 +6,7 @@
 #   Prometheus (the monitoring test scrapes TorchServe with a real one): prometheus
 #   curl (an e2e test sends a photo the way the README's curl lines do): curl
 #   unzip (scripts/ts_patches/build.sh bundles ASM's classes): unzip
+#   Chromium (the page's browser tests drive it with Playwright, tests/test_page.py): chromium
 set -euo pipefail
 java_major() { java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1; }
 javac_major() { javac -version 2>&1 | sed -n 's/^javac \([0-9]*\).*/\1/p' | head -1; }
@@ -26,7 +27,7 @@ if command -v prometheus >/dev/null 2>&1; then
 else
   missing+=(prometheus)
 fi
-for tool in curl unzip; do
+for tool in curl unzip chromium; do
   if command -v "$tool" >/dev/null 2>&1; then
     echo "$tool found: $(command -v "$tool")"
   else

@@ -94,6 +94,29 @@ def test_predict_cli_prints_topk_table(trained, digits, capsys):
     assert probs == sorted(probs, reverse=True) and all(r[1] == r[2] for r in rows)
 
 
+def test_predict_plot_draws_each_photo_next_to_its_bars(trained, digits, tmp_path, capsys):
+    from PIL import Image
+
+    from handler.preprocessing import decode_image
+    from training.reports import topk_figure
+    out, _ = trained
+    images = [sorted((digits / "test" / d).glob("*.png"))[0] for d in ("3", "7")]
+    ckpt = out / "checkpoint_best.pt"
+    args = predict.get_args_parser().parse_args([*map(str, images), "--checkpoint", str(ckpt),
+                                                 "--topk", "3", "--device", "cpu",
+                                                 "--plot", str(tmp_path / "topk.png")])
+    assert predict.main(args) == 0
+    width, height = Image.open(tmp_path / "topk.png").size
+    assert width == 900 and height > 500  # a row per photo
+    model, classes, tf = predict.load_classifier(ckpt, torch.device("cpu"))
+    records = predict.predict(model, classes, tf, images[1].read_bytes(), 3, torch.device("cpu"))
+    fig = topk_figure([("7", decode_image(images[1].read_bytes()), records)])
+    bars = fig.axes[1]
+    assert [p.get_width() for p in bars.patches] == pytest.approx([100 * r["probability"] for r in records][::-1])
+    assert [t.get_text() for t in bars.get_yticklabels()] == [r["label"] for r in records][::-1]
+    assert fig.axes[0].images[0].get_array().shape[:2] == decode_image(images[1].read_bytes()).size[::-1]
+
+
 def test_archive_has_config_and_labels_from_checkpoint(trained, tmp_path):
     out, _ = trained
     mar = archive.main(archive.get_args_parser().parse_args([
@@ -264,17 +287,56 @@ def test_fast_path_head_scores_the_same_inside_the_full_model(digits, tmp_path):
 
     tuned = tmp_path / "tuned"
     metrics = train.main(train.get_args_parser().parse_args([
-        *common, "--output-dir", str(tuned), "--epochs", "1", "--train-last", "2",
-        "--freeze-bn-stats", "--hflip-prob", "0", "--tta", "auto"]))
+        *common, "--output-dir", str(tuned), "--epochs", "1", "--train-last", "2", "--lr", "2e-4",
+        "--freeze-bn-stats", "--hflip-prob", "0", "--tta", "auto", "--wise-ft", "auto",
+        "--wise-ft-alphas", "0.5"]))
     history = json.loads((tuned / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1]
-    assert metrics["best_val_accuracy"] == max(chosen["val_accuracy"], history[0]["val_accuracy"])
+    best_trained = max(chosen["val_accuracy"], history[0]["val_accuracy"])
+    if metrics["epoch"] == 1:  # fine-tuning won: WiSE-FT scored the halfway weights too
+        wise = metrics["wise_ft"]
+        assert wise["val_accuracy"]["1.0"] == history[0]["val_accuracy"]
+        assert metrics["best_val_accuracy"] == max(wise["val_accuracy"].values()) >= best_trained
+        ends = [torch.load(d / name, weights_only=True)["model"]
+                for d, name in ((out, "checkpoint_best.pt"), (tuned, "checkpoint_last.pt"))]
+        kept = torch.load(tuned / "checkpoint_best.pt", weights_only=True)["model"]
+        expected_state = train.interpolate_weights(*ends, wise["alpha"])
+        assert all(torch.allclose(kept[k].float(), expected_state[k].float(), atol=1e-6) for k in kept)
+    else:  # the fitted head won (one epoch at 32 px does not beat it here): nothing to mix
+        assert metrics["best_val_accuracy"] == best_trained and "wise_ft" not in metrics
+        head = torch.load(out / "checkpoint_best.pt", weights_only=True)["model"]
+        kept = torch.load(tuned / "checkpoint_best.pt", weights_only=True)["model"]
+        assert all(torch.equal(kept[k], head[k]) for k in kept)
     # --tta auto: flips kept only if they raised val accuracy, and the checkpoint says so
     tta = metrics["tta"]
     assert tta["used"] == (tta["val_accuracy_flip"] > tta["val_accuracy"])
     ckpt = torch.load(tuned / "checkpoint_best.pt", weights_only=True)
     assert ckpt["tta"] == ("flip" if tta["used"] else None)
     assert tta["val_accuracy"] == pytest.approx(metrics["best_val_accuracy"], abs=1.5 / len(val))
+
+
+def test_wise_ft_interpolates_and_keeps_the_smallest_best_alpha():
+    """Two classes, one point each; the start's weights swap them, the end's are right. The
+    interpolation is right for alpha > 0.5 only (at 0.5 the logits tie): 0.75 and 1.0 score
+    100 %, and the smaller wins."""
+    from torch.utils.data import TensorDataset
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2, 2, bias=False))
+    start = {"1.weight": torch.tensor([[0.0, 1.0], [1.0, 0.0]])}
+    end = {"1.weight": torch.eye(2)}
+    mixed = train.interpolate_weights(start, end, 0.25)
+    assert torch.equal(mixed["1.weight"], 0.75 * start["1.weight"] + 0.25 * end["1.weight"])
+    val = TensorDataset(torch.eye(2).reshape(2, 2, 1, 1), torch.tensor([0, 1]))
+    args = train.get_args_parser().parse_args(["--data-dir", "x", "--wise-ft", "auto"])
+    metrics = {"best_val_accuracy": 1.0}
+    chosen = train.choose_wise_ft(args, model, start, end, val, {"batch_size": 2},
+                                  torch.nn.CrossEntropyLoss(), torch.device("cpu"), metrics)
+    assert metrics["wise_ft"] == {"val_accuracy": {"0.25": 0.0, "0.5": 0.5, "0.75": 1.0, "1.0": 1.0},
+                                  "alpha": 0.75}
+    assert torch.equal(chosen["1.weight"], train.interpolate_weights(start, end, 0.75)["1.weight"])
+    assert torch.equal(model.state_dict()["1.weight"], chosen["1.weight"])
+    with pytest.raises(ValueError, match="--head-from-features"):
+        train.main(train.get_args_parser().parse_args(["--data-dir", "x", "--wise-ft", "auto"]))
 
 
 def test_learning_curves_mark_the_best_epoch_and_keep_a_loss_spike_off_the_axis():

@@ -1,6 +1,7 @@
 """Predict the top-k classes of one image with a training checkpoint (no server).
 
     python -m training.predict --checkpoint runs/NAME/checkpoint_best.pt photo.jpg --topk 3
+    python -m training.predict --checkpoint ... a.jpg b.jpg --plot topk.png   # bars next to each photo
 
 Uses the same decode, eval transform and top-k code as the TorchServe handler.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from handler.postprocessing import format_topk, topk_records
-from handler.preprocessing import ClientError, EvalTransform
+from handler.preprocessing import ClientError, EvalTransform, decode_image
 from handler.architectures import load_trained
 from training.train import resolve_device
 
@@ -44,14 +45,24 @@ def predict(model, classes, transform: EvalTransform, data: bytes, k: int,
 def main(args) -> int:
     device = resolve_device(args.device)
     model, classes, transform = load_classifier(args.checkpoint, device)
-    status = 0
+    status, plotted = 0, []
     for image in args.images:
         print(f"{image}:")
         try:
-            print(format_topk(predict(model, classes, transform, image.read_bytes(), args.topk, device)))
+            data = image.read_bytes()
+            records = predict(model, classes, transform, data, args.topk, device)
         except ClientError as exc:
             print(f"error: {exc}", file=sys.stderr)
             status = 1
+            continue
+        print(format_topk(records))
+        if args.plot:
+            plotted.append((image.name, decode_image(data), records))
+    if args.plot and plotted:
+        from training.reports import plot_topk
+
+        plot_topk(plotted, args.plot)
+        print(f"plot: {args.plot}")
     return status
 
 
@@ -63,6 +74,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint_best.pt")
     p.add_argument("--topk", type=int, default=5, help="records per image (clamped to classes)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="PNG: each photo next to its top-k as a bar chart")
     return p
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import matplotlib
 
@@ -12,6 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confusion_matrix  # noqa: E402
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def plot_learning_curves(history: list[dict], path: Path) -> None:
@@ -51,6 +54,39 @@ def learning_curves_figure(history: list[dict]):
         ax.legend()
     fig.tight_layout()
     return fig
+
+
+def topk_figure(rows: Sequence[tuple[str, "Image.Image", list[dict]]]):
+    """Each photo next to its top-k as horizontal bars (a matplotlib Figure, a row per photo).
+
+    Args:
+        rows: ``(title, upright RGB PIL image, top-k records)`` per photo; records as
+            ``handler.postprocessing.topk_records`` gives them (most likely first).
+    """
+    k = max(len(records) for _, _, records in rows)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(9, 0.6 + max(2.6, 0.45 * k) * len(rows)),
+                             gridspec_kw={"width_ratios": [1, 1.4]}, squeeze=False)
+    for (title, image, records), (ax_img, ax_bar) in zip(rows, axes):
+        ax_img.imshow(image)
+        ax_img.set_title(title, fontsize=9)
+        ax_img.axis("off")
+        labels = [r["label"] for r in records][::-1]  # most likely on top
+        probs = [100 * r["probability"] for r in records][::-1]
+        colors = ["#2271b1"] * (len(records) - 1) + ["#00a32a"]
+        bars = ax_bar.barh(range(len(records)), probs, color=colors)
+        ax_bar.set_yticks(range(len(records)), labels)
+        ax_bar.bar_label(bars, labels=[f"{p:.1f} %" for p in probs], padding=3, fontsize=9)
+        ax_bar.set(xlim=(0, 115), xlabel="probability (%)")
+        ax_bar.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_topk(rows: Sequence[tuple[str, "Image.Image", list[dict]]], path: Path) -> None:
+    """``topk_figure`` saved as a PNG."""
+    fig = topk_figure(rows)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_head_fit(table: list[dict], path: Path) -> None:

@@ -87,6 +87,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=["none", "flip", "auto"], default="none",
                    help="test-time augmentation served with the model: flip averages each image "
                         "with its mirror (2x inference); auto keeps it only if it raises val accuracy")
+    p.add_argument("--wise-ft", choices=["none", "auto"], default="none",
+                   help="with --head-from-features and --epochs: also score on val the weights "
+                        "interpolated between the fitted head's model and the fine-tuned one "
+                        "(WiSE-FT), and keep the best")
+    p.add_argument("--wise-ft-alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+                   help="interpolation weights of the fine-tuned model tried by --wise-ft auto "
+                        "(1.0, the fine-tuned model itself, is always a candidate)")
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs (default 10; with --head-from-features, "
                         "fine-tuning epochs after the head fit, default 0)")
@@ -326,6 +333,9 @@ def main(args) -> dict:
     args.arch = canonical_arch(args.arch)
     if args.epochs is None:
         args.epochs = 0 if args.head_from_features else 10
+    if args.wise_ft != "none" and not (args.head_from_features and args.epochs > 0):
+        raise ValueError("--wise-ft interpolates the fitted head's model and the fine-tuned one: "
+                         "it needs --head-from-features and --epochs > 0")
     out = args.output_dir
     eval_tf = eval_transform(args)
     logger.info("%s, weights %s, preprocessing %s", args.arch, args.weights, eval_tf.to_dict())
@@ -363,7 +373,7 @@ def main(args) -> dict:
 
     history, best_acc, best_metrics, steps, sampler = [], -1.0, {}, 0, None
     start = time.perf_counter()
-    scored = {}
+    scored, head_state = {}, None
     if args.head_from_features and lead:  # DDP below hands the fitted head to the other ranks
         table, scored = fit_head_from_features(args, model, eval_tf, device)
         chosen = next(row for row in table if row.get("chosen"))
@@ -376,6 +386,8 @@ def main(args) -> dict:
         plot_head_fit(table, out / "head_fit.png")
         logger.info("head fitted on features in %.1f s: val %.4f (C=%g)",
                     time.perf_counter() - start, best_acc, chosen["C"])
+        if args.wise_ft != "none":
+            head_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     if args.epochs > 0:
         # one model over every rank: DDP broadcasts rank 0's weights (the fitted head) at start
@@ -441,6 +453,12 @@ def main(args) -> dict:
 
     best = torch.load(out / "checkpoint_best.pt", map_location=device, weights_only=True)
     model.load_state_dict(best["model"])
+    if head_state is not None and best["epoch"] > 0:
+        best["model"] = choose_wise_ft(args, model, head_state, best["model"], val_ds, loader_kw,
+                                       criterion, device, best_metrics)
+        best_acc = best_metrics["best_val_accuracy"]
+        best["metrics"] = best_metrics
+        torch.save(best, out / "checkpoint_best.pt")
     served = model
     if args.tta != "none":
         served = choose_tta(args, model, val_ds, loader_kw, criterion, device, best_metrics)
@@ -487,6 +505,44 @@ def _stop_from_rank0(stop: bool) -> bool:
     flag = torch.tensor([int(stop)], device=_comm_device())
     dist.broadcast(flag, 0)
     return bool(flag.item())
+
+
+def interpolate_weights(start: dict, end: dict, alpha: float) -> dict:
+    """``(1 - alpha) * start + alpha * end`` for every floating-point tensor of two state dicts
+    of one architecture; other tensors (``num_batches_tracked``) are taken from ``end``."""
+    return {k: torch.lerp(start[k].to(v.dtype), v, alpha) if v.is_floating_point() else v
+            for k, v in end.items()}
+
+
+def choose_wise_ft(args, model: nn.Module, head_state: dict, tuned_state: dict, val_ds,
+                   loader_kw: dict, criterion, device: torch.device, metrics: dict) -> dict:
+    """WiSE-FT (Wortsman et al., 2022, "Robust fine-tuning of zero-shot models"): weights
+    interpolated between the model with the fitted head (the start of fine-tuning, alpha 0) and
+    the fine-tuned one (alpha 1), scored on val; the best is loaded into ``model``.
+
+    Both ends lie in one basin (fine-tuning started from the first), so the interpolation is a
+    working network; it keeps more of the pretrained features, which is what holds up on photos
+    unlike the training set. Ties go to the smaller alpha, for that reason. Records
+    ``metrics["wise_ft"] = {"val_accuracy": {alpha: accuracy}, "alpha"}`` and updates
+    ``metrics["best_val_accuracy"]``.
+
+    Returns:
+        The chosen state dict (``tuned_state`` itself when alpha 1 wins).
+    """
+    loader = DataLoader(val_ds, shuffle=False, **loader_kw)
+    scores = {1.0: metrics["best_val_accuracy"]}
+    for alpha in sorted(a for a in args.wise_ft_alphas if 0 <= a < 1):
+        model.load_state_dict(interpolate_weights(head_state, tuned_state, alpha))
+        scores[alpha] = evaluate(model, loader, criterion, device, f"val, alpha {alpha}")["accuracy"]
+        logger.info("WiSE-FT alpha %.2f: val %.4f", alpha, scores[alpha])
+    alpha = min(scores, key=lambda a: (-scores[a], a))
+    chosen = tuned_state if alpha == 1.0 else interpolate_weights(head_state, tuned_state, alpha)
+    model.load_state_dict(chosen)
+    metrics["wise_ft"] = {"val_accuracy": {str(a): scores[a] for a in sorted(scores)}, "alpha": alpha}
+    metrics["best_val_accuracy"] = scores[alpha]
+    logger.info("WiSE-FT: alpha %.2f kept (val %.4f; fine-tuned alone %.4f)", alpha, scores[alpha],
+                scores[1.0])
+    return chosen
 
 
 def choose_tta(args, model: nn.Module, val_ds, loader_kw: dict, criterion,
