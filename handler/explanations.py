@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from handler.postprocessing import wrapped
+
 METHOD = "integrated_gradients"
 CLIP_QUANTILE = 0.99  # cells at or above it show as 1
 
@@ -94,16 +96,8 @@ def explanation_answer(form: str, records: list[dict], *, model_name: str = "",
     Raises:
         ValueError: unknown form, or a ``single`` answer for other than one image.
     """
-    if form == "single":
-        if len(records) != 1:
-            raise ValueError(f"a single-image answer for {len(records)} images")
-        return records[0]
-    if form == "list":
-        return records
-    if form == "v1":
-        return {"explanations": records}
     if form != "v2":
-        raise ValueError(f"unknown answer form {form!r}")
+        return wrapped(form, records, "explanations")
     n = len(records)
     g = len(records[0]["saliency"]) if records else 0
     out = {"model_name": model_name, "model_version": model_version}

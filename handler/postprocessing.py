@@ -65,16 +65,8 @@ def answer(form: str, records: list[list[dict]], *, model_name: str = "", model_
     Raises:
         ValueError: unknown form, or a ``single`` answer for other than one image.
     """
-    if form == "single":
-        if len(records) != 1:
-            raise ValueError(f"a single-image answer for {len(records)} images")
-        return records[0]
-    if form == "list":
-        return records
-    if form == "v1":
-        return {"predictions": records}
     if form != "v2":
-        raise ValueError(f"unknown answer form {form!r}")
+        return wrapped(form, records, "predictions")
     shape = [len(records), len(records[0]) if records else 0]
     out = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
@@ -88,6 +80,24 @@ def answer(form: str, records: list[list[dict]], *, model_name: str = "", model_
          "data": [r["index"] for image in records for r in image]},
     ]
     return out
+
+
+def wrapped(form: str, records: list, v1_key: str) -> object:
+    """The answer of a request in a form other than ``v2``: ``single`` (the one image's),
+    ``list`` (one per image) or ``v1`` (``{v1_key: [...]}``).
+
+    Raises:
+        ValueError: ``v2`` or an unknown form, or a ``single`` answer for other than one image.
+    """
+    if form == "single":
+        if len(records) != 1:
+            raise ValueError(f"a single-image answer for {len(records)} images")
+        return records[0]
+    if form == "list":
+        return records
+    if form == "v1":
+        return {v1_key: records}
+    raise ValueError(f"unknown answer form {form!r}")
 
 
 def error_answer(form: str, body: dict) -> dict:

@@ -9,7 +9,7 @@ import torch
 
 from conftest import encode, scene
 from handler.explanations import explanation_answer, explanation_records, saliency
-from test_handler import _context, _model_dir, _run
+from test_handler import _context, _model_dir, _run, handler  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.unit
 
@@ -91,11 +91,3 @@ def test_explanation_image_cap_is_a_413(handler):
     assert status == [413, 200]
     assert "max_images_per_explanation" in out[0]["message"] and len(out[1]) == 5
 
-
-@pytest.fixture()
-def handler(tmp_path, three_class_checkpoint):
-    from handler.classifier_handler import ImageClassifierHandler
-    model_dir, cfg = _model_dir(tmp_path, three_class_checkpoint, "--topk", "2")
-    h = ImageClassifierHandler()
-    h.initialize(_context(model_dir, cfg))
-    return h, model_dir, cfg

@@ -122,7 +122,7 @@ function drawSaliency(card, answer) {
     const i = 4 * (y * grid + x);
     // yellow (little) to red (most), more opaque where it matters more
     pixels.data[i] = 255; pixels.data[i + 1] = Math.round(220 * (1 - v)); pixels.data[i + 2] = 0;
-    pixels.data[i + 3] = Math.round(210 * Math.sqrt(v));
+    pixels.data[i + 3] = Math.round(200 * v);
   }));
   ctx.putImageData(pixels, 0, 0);
   const overlay = card.overlay;
