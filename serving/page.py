@@ -37,7 +37,7 @@ STATIC = Path(__file__).with_name("page_static")
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
        "form-action 'self'")
-# what TorchServe's answer types say is a client's or the server's fault
+# the page's status when TorchServe does not answer (Bad Gateway: the page's server is up)
 UNREACHABLE = 502
 
 
