@@ -121,11 +121,13 @@ class DecodeBudget:
     def check_jpeg(self, data: bytes, img: Image.Image) -> None:
         """Raises ImageTooLargeError when the JPEG ``data`` (opened as ``img``, not yet
         decoded) is over budget; the message names the limit."""
-        scans = jpeg_scan_count(data)
+        # the walk stops at the first scan over the limit: a bomb of thousands of scans costs
+        # no more to refuse than a photo costs to check
+        scans = jpeg_scan_count(data, stop_after=self.max_jpeg_scans + 1)
         if scans > self.max_jpeg_scans:
             raise ImageTooLargeError(
-                f"JPEG with {scans} scans: over the decode budget of {self.max_jpeg_scans} "
-                "scans (handler.max_jpeg_scans)")
+                f"JPEG with more than {self.max_jpeg_scans} scans: over the decode budget of "
+                f"{self.max_jpeg_scans} scans (handler.max_jpeg_scans)")
         work = scans * img.width * img.height * len(img.getbands()) / 1e6
         if work > self.max_jpeg_scan_megapixels:
             raise ImageTooLargeError(
@@ -137,16 +139,17 @@ class DecodeBudget:
 DEFAULT_DECODE_BUDGET = DecodeBudget()
 
 
-def jpeg_scan_count(data: bytes) -> int:
+def jpeg_scan_count(data: bytes, stop_after: Optional[int] = None) -> int:
     """Number of scans (SOS segments) in a JPEG's main image, by walking its markers.
 
     Segments with a length (APPn, DQT, DHT, SOFn, ...) are skipped whole, so an embedded EXIF
     thumbnail is not counted; inside entropy-coded data only a marker other than a stuffed
     ``FF 00``, a fill ``FF FF`` or a restart ``FF D0..D7`` ends the scan (ITU T.81, B.1.1).
-    Stops at EOI or at the end of the data. Linear in the file size.
+    Stops at EOI, at the end of the data, or once ``stop_after`` scans are counted (then the
+    count is ``stop_after``). Linear in the file size.
     """
     scans, i, n = 0, 2, len(data)
-    while i + 1 < n:
+    while i + 1 < n and (stop_after is None or scans < stop_after):
         if data[i] != 0xFF:
             i = data.find(b"\xff", i)
             if i < 0:
