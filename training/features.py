@@ -102,7 +102,7 @@ def extract(backbone: nn.Module, dataset: Dataset, *, flip: bool, batch_size: in
     backbone.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     feats, flipped, labels = [], [], []
-    for images, targets in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for images, targets in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):  # no bar off a terminal
         images = images.to(device).contiguous(memory_format=torch.channels_last)
         feats.append(backbone(images).float().cpu())
         if flip:

@@ -155,7 +155,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer,
     model.train()
     freeze_batchnorm_stats(model, all_norms=freeze_bn_stats)
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=desc, leave=False, unit="batch", disable=rank() != 0)
+    # disable=None: no bar when the output is not a terminal (a log file, CI); rank 0 only
+    bar = tqdm(loader, desc=desc, leave=False, unit="batch", disable=None if rank() == 0 else True)
     for images, targets in bar:
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
@@ -207,7 +208,7 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion, device: torch.devi
     """
     model.eval()
     total_loss, all_probs, all_targets = 0.0, [], []
-    for images, targets in tqdm(loader, desc=desc, leave=False, unit="batch"):
+    for images, targets in tqdm(loader, desc=desc, leave=False, unit="batch", disable=None):
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
         logits = model(images)
