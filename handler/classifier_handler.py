@@ -229,16 +229,23 @@ class ImageClassifierHandler(BaseHandler):
         ``explain_grid`` x ``explain_grid`` map), in each request's form; errors as in
         ``postprocess``. Returns one answer per request index (None for the others)."""
         out: list = [None] * batch.size
+        records = []
         if batch.pixels is not None:
-            model = self._explanation_model()
-            chunk = self.settings.max_images_per_forward
-            records = []
-            for first in range(0, len(batch.pixels), chunk):
-                pixels = batch.pixels[first:first + chunk].to(self.device)
-                probs, maps = saliency(model, self.transform.normalize(pixels),
-                                       self.settings.explain_steps, self.settings.explain_grid)
-                records += explanation_records(
-                    probs, maps, self.labels, self.transform.crop_size / self.transform.resize_size)
+            try:
+                model = self._explanation_model()
+                chunk = self.settings.max_images_per_forward
+                for first in range(0, len(batch.pixels), chunk):
+                    pixels = batch.pixels[first:first + chunk].to(self.device)
+                    probs, maps = saliency(model, self.transform.normalize(pixels),
+                                           self.settings.explain_steps, self.settings.explain_grid)
+                    records += explanation_records(probs, maps, self.labels,
+                                                   self.transform.crop_size / self.transform.resize_size)
+            except Exception:  # an explanation bug must not fail the predictions of the batch
+                logger.exception("explanations failed for %d request(s)", len(batch.requests))
+                for idx, parsed in batch.requests.items():
+                    batch.errors[idx] = (InternalError("internal error while explaining"), parsed.form)
+                batch.requests = {}
+        if records:
             for idx, parsed in batch.requests.items():
                 first, end = batch.spans[idx]
                 out[idx] = explanation_answer(parsed.form, records[first:end],

@@ -91,3 +91,18 @@ def test_explanation_image_cap_is_a_413(handler):
     assert status == [413, 200]
     assert "max_images_per_explanation" in out[0]["message"] and len(out[1]) == 5
 
+
+
+def test_a_failing_explanation_fails_alone(handler, monkeypatch):
+    """A bug in the explanation path (injected here) is a 500 for the explanation requests; the
+    predictions batched with them are answered."""
+    from handler import classifier_handler
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+    monkeypatch.setattr(classifier_handler, "saliency", broken)
+    h, model_dir, cfg = handler
+    image = encode(scene(seed=9))
+    out, status = _run(h, model_dir, cfg, [{"body": image}, {"body": image}], [EXPLAIN, {}])
+    assert status == [500, 200]
+    assert out[0]["type"] == "internal" and "explaining" in out[0]["message"] and len(out[1]) == 2
