@@ -345,7 +345,7 @@ class TorchServe:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stops the frontend and its workers (SIGTERM to the session, SIGKILL after timeout)."""
-        stop_pid_file(self.workdir / "torchserve.pid", timeout_s)
+        stop_pid_file(self.workdir / "torchserve.pid", timeout_s, leader=self.proc)
         if self.proc is not None:
             self.proc.wait(timeout=5)
             self.proc = None
@@ -364,8 +364,17 @@ def remove_empty_model_dirs(workdir: Path) -> None:
             models.rmdir()
 
 
-def stop_pid_file(pid_file: Path, timeout_s: float = 30.0) -> bool:
-    """Stops the process session whose leader's pid is in ``pid_file``. False if none ran."""
+def stop_pid_file(pid_file: Path, timeout_s: float = 30.0,
+                  leader: Optional[subprocess.Popen] = None) -> bool:
+    """Stops the process session whose leader's pid is in ``pid_file``: SIGTERM, then SIGKILL
+    after ``timeout_s`` s if any process of the session is still there. False if none ran.
+
+    Args:
+        leader: the session leader's ``Popen`` when this process started it. It is reaped while
+            waiting: an exited child stays a zombie until its parent waits for it, and a zombie
+            still counts as a member of its process group, so without reaping the wait would
+            always last the whole ``timeout_s``.
+    """
     if not pid_file.is_file():
         return False
     pid = int(pid_file.read_text())
@@ -376,6 +385,8 @@ def stop_pid_file(pid_file: Path, timeout_s: float = 30.0) -> bool:
         return False
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if leader is not None:
+            leader.poll()
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
