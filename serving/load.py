@@ -68,11 +68,13 @@ def sweep_point(ts: TorchServe, model: str, images: list[bytes], concurrency: in
     """
     path = f"/predictions/{model}"
     headers = {**ts.headers("inference"), "Content-Type": "application/octet-stream"}
-    if images_per_request > 1:
-        bodies = [multipart([images[(i * images_per_request + j) % len(images)]
-                             for j in range(images_per_request)]) for i in range(len(images))]
-        headers["Content-Type"] = bodies[0][1]
-        images = [body for body, _ in bodies]
+    bodies = [(image, headers) for image in images]
+    if images_per_request > 1:  # each multipart body has its own boundary, so its own header
+        bodies = []
+        for i in range(len(images)):
+            body, content_type = multipart([images[(i * images_per_request + j) % len(images)]
+                                            for j in range(images_per_request)])
+            bodies.append((body, {**headers, "Content-Type": content_type}))
     local = threading.local()
     latencies, errors = [], 0
     lock = threading.Lock()
@@ -82,7 +84,8 @@ def sweep_point(ts: TorchServe, model: str, images: list[bytes], concurrency: in
         client = getattr(local, "client", None) or Client(ts.url("inference"))
         local.client = client
         t = time.perf_counter()
-        ok = client.post(path, images[i % len(images)], headers) == 200
+        body, body_headers = bodies[i % len(bodies)]
+        ok = client.post(path, body, body_headers) == 200
         with lock:
             latencies.append((time.perf_counter() - t) * 1000)
             errors += not ok

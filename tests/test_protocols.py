@@ -134,6 +134,15 @@ def test_several_images_on_predictions(server, expected):
     assert r.status_code == 200 and [p["label"] for p in r.json()] == expected(IMAGES[:1], 3)[0]
 
 
+def test_benchmark_load_sends_several_images_per_request(server):
+    """The benchmark's load generator with 3 images per request: every body (each with its own
+    multipart boundary) answered 200, and the handler counted 3 images per request."""
+    from serving.load import sweep_point
+    point = sweep_point(server, MODEL, IMAGES, concurrency=2, requests_n=6, images_per_request=3)
+    assert point["errors"] == 0 and point["images_per_request"] == 3, point
+    assert point["images_per_batch"] >= 3 and point["preprocess_ms_mean"] > 0
+
+
 def test_v2_health_readiness_and_metadata(server):
     base = server.url("inference")
     # probes: open (a Kubernetes probe cannot know the key generated at start)
