@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 import pytest
+import requests
 import torch
 from PIL import Image
 
-from serving.server import ROOT, TorchServe, model_names, server_overrides
+from serving.server import PATCHES_JAR, ROOT, TorchServe, model_names, server_overrides
 from training.models import build_model
 
 TINY_ARCH = "mobilenet_v3_small"  # 1.5 M parameters: fast enough for every test
@@ -94,3 +100,34 @@ def build_archive(checkpoint: Path, store: Path, name: str, *extra: str) -> Path
     return archive.main(archive.get_args_parser().parse_args([
         "--checkpoint", str(checkpoint), "--model-name", name, "--export-path", str(store),
         *backend, *extra]))
+
+
+@contextlib.contextmanager
+def image_entrypoint(workdir: Path, env: dict, base_url: str, ready_path: str = "/v2/health/ready",
+                     args: tuple[str, ...] = ()):
+    """``docker/entrypoint.sh`` run on the host as the container image runs it (``env`` holds
+    ``TS_CONFIG_FILE``, ``TS_MODEL_STORE``, ...; the image's ``JAVA_TOOL_OPTIONS`` agent), in
+    its own session; yields the process once ``base_url + ready_path`` answers 200, and stops
+    the session on exit."""
+    proc = subprocess.Popen(
+        [str(ROOT / "docker" / "entrypoint.sh"), *args], cwd=workdir, start_new_session=True,
+        stdout=open(workdir / "console.log", "ab"), stderr=subprocess.STDOUT,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+             "TEMP": str(workdir / "tmp"), "TMPDIR": str(workdir), "LOG_LOCATION": str(workdir / "logs"),
+             "METRICS_LOCATION": str(workdir / "logs"), "JAVA_TOOL_OPTIONS": f"-javaagent:{PATCHES_JAR}",
+             **env})
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (workdir / "console.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the entry point's server never became ready"
+            try:
+                if requests.get(f"{base_url}{ready_path}", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)

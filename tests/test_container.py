@@ -2,18 +2,15 @@
 config is the project's with only the container-specific keys changed, and its entry point
 serves a model store the way the image runs it (open health probe, token on or off)."""
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import ROOT, build_archive, encode, make_checkpoint, scene
-from serving.server import PATCHES_JAR, read_properties, server_overrides, write_config
+from conftest import ROOT, build_archive, encode, image_entrypoint, make_checkpoint, scene
+from serving.server import read_properties, server_overrides, write_config
 
 CONTAINER_KEYS = {"inference_address", "management_address", "metrics_address",
                   "grpc_inference_address", "grpc_management_address", "model_store",
@@ -38,21 +35,6 @@ def test_container_config_is_the_project_config_with_container_paths():
     assert image["model_store"] == "/home/model-server/model-store"
 
 
-def _entrypoint(tmp_path: Path, store: Path, env: dict) -> tuple[subprocess.Popen, dict]:
-    overrides = server_overrides(model_store=str(store), load_models="all",
-                                 metrics_config=str(ROOT / "monitoring" / "metrics.yaml"))
-    config = write_config(ROOT / "docker" / "config.properties", tmp_path / "config.properties", overrides)
-    proc = subprocess.Popen(
-        [str(ROOT / "docker" / "entrypoint.sh")], cwd=tmp_path, start_new_session=True,
-        stdout=open(tmp_path / "console.log", "ab"), stderr=subprocess.STDOUT,
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-             "TS_CONFIG_FILE": str(config), "TS_MODEL_STORE": str(store), "TEMP": str(tmp_path / "tmp"),
-             "TMPDIR": str(tmp_path), "LOG_LOCATION": str(tmp_path / "logs"),
-             "METRICS_LOCATION": str(tmp_path / "logs"),
-             "JAVA_TOOL_OPTIONS": f"-javaagent:{PATCHES_JAR}", **env})
-    return proc, overrides
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("disable_token", [False, True])
 def test_entrypoint_serves_the_model_store(tmp_path, disable_token):
@@ -60,22 +42,14 @@ def test_entrypoint_serves_the_model_store(tmp_path, disable_token):
     without a key; predictions need the key unless TS_DISABLE_TOKEN_AUTH=true."""
     store = tmp_path / "store"
     build_archive(make_checkpoint(tmp_path / "c.pt", ["a", "b", "c"]), store, "m3", "--num-threads", "1")
-    proc, overrides = _entrypoint(tmp_path, store, {"TS_DISABLE_TOKEN_AUTH": str(disable_token).lower()})
+    overrides = server_overrides(model_store=str(store), load_models="all",
+                                 metrics_config=str(ROOT / "monitoring" / "metrics.yaml"))
+    config = write_config(ROOT / "docker" / "config.properties", tmp_path / "config.properties", overrides)
     base = overrides["inference_address"]
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "console.log").read_text()[-2000:]
-            try:
-                if requests.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
+    env = {"TS_CONFIG_FILE": str(config), "TS_MODEL_STORE": str(store),
+           "TS_DISABLE_TOKEN_AUTH": str(disable_token).lower()}
+    with image_entrypoint(tmp_path, env, base):
         assert requests.get(f"{base}/v2/health/live", timeout=5).json() == {"live": True}
         r = requests.put(f"{base}/predictions/m3", data=encode(scene()), timeout=30)
         assert r.status_code == (200 if disable_token else 401), r.text
         assert (tmp_path / "key_file.json").exists() != disable_token
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)

@@ -4,22 +4,18 @@ served by the image's entry point as the ServingRuntime starts it (its env, its 
 answering KServe v1 and v2 on the model's name."""
 
 import base64
-import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
-from conftest import ROOT, build_archive, encode, make_checkpoint, scene
+from conftest import ROOT, build_archive, encode, image_entrypoint, make_checkpoint, scene
 from scripts import kserve as kserve_cli
 from serving.kserve import MOUNT
-from serving.server import PATCHES_JAR, read_properties, server_overrides, write_config
+from serving.server import read_properties, server_overrides, write_config
 
 KSERVE_PY = ROOT / ".venv-kserve" / "bin" / "python"
 TEMPLATES = [ROOT / "deploy" / "kserve" / "servingruntime.yaml",
@@ -122,26 +118,9 @@ def test_storage_is_served_as_the_serving_runtime_starts_it(storage, tmp_path):
     pod_config = Path(env["TS_CONFIG_FILE"])
     write_config(pod_config, tmp_path / "config.properties", overrides)
     env["TS_CONFIG_FILE"] = str(tmp_path / "config.properties")
-    proc = subprocess.Popen(
-        [str(ROOT / "docker" / "entrypoint.sh"), *container["args"]], cwd=tmp_path,
-        start_new_session=True, stdout=open(tmp_path / "console.log", "ab"), stderr=subprocess.STDOUT,
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-             "TEMP": str(tmp_path / "tmp"), "TMPDIR": str(tmp_path), "LOG_LOCATION": str(tmp_path / "logs"),
-             "METRICS_LOCATION": str(tmp_path / "logs"), "JAVA_TOOL_OPTIONS": f"-javaagent:{PATCHES_JAR}",
-             **env})
     base = overrides["inference_address"]
     probe = container["readinessProbe"]["httpGet"]["path"]
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "console.log").read_text()[-2000:]
-            try:
-                if requests.get(f"{base}{probe}", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        assert requests.get(f"{base}{probe}", timeout=5).status_code == 200
+    with image_entrypoint(tmp_path, env, base, ready_path=probe, args=tuple(container["args"])):
         live = container["livenessProbe"]["httpGet"]["path"]
         assert requests.get(f"{base}{live}", timeout=5).json() == {"live": True}
         b64 = [base64.b64encode(encode(scene(seed=s))).decode() for s in (1, 2)]
@@ -159,6 +138,3 @@ def test_storage_is_served_as_the_serving_runtime_starts_it(storage, tmp_path):
         assert labels["shape"][0] == 2
         assert requests.get(f"{base}/v2/models/{MODEL}/ready", timeout=5).status_code == 200
         assert not (tmp_path / "key_file.json").exists()  # no token authorization in the pod
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
