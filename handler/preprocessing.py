@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
@@ -222,7 +223,29 @@ def decode_image(data: bytes, *, draft_size: Optional[int] = None,
         raise DecodeError(f"corrupt or truncated image: {exc}") from exc
 
 
-_PIL_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+@contextmanager
+def one_intra_op_thread():
+    """Runs the block on one PyTorch intra-op thread, then restores the thread count.
+
+    For per-image work (one resize: 0.25 ms): split over two OpenMP threads it gains nothing
+    on an idle machine (0.75 vs 0.78 ms per image, decode included), and where another process
+    holds the second core, as TorchServe's frontend and clients do, the parallel region waits
+    for its preempted half: 2.7 ms instead of 0.8 (2 cores, AVX-512). The count is process-wide
+    state: do not run this beside another thread's forward pass.
+    """
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# torch.nn.functional.interpolate modes with antialiasing (the PIL filters of the same names).
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 @dataclass(frozen=True)
@@ -234,13 +257,13 @@ class EvalTransform:
     squashing), ``CenterCrop(crop_size)``, uint8 -> float32 in [0, 1], ``Normalize(mean, std)``.
 
     It is computed in two steps so that the per-image part stays small:
-      * ``pixels``: one PIL resample of only the crop's source region, straight to
-        ``crop_size`` x ``crop_size`` (``Image.resize(box=...)``). Filter, scale and sample
-        positions are those of the full resize followed by the integer crop, so nothing the
-        crop discards is resampled. The result is torchvision's up to 8-bit rounding: PIL
-        resamples one axis after the other through an 8-bit intermediate and may pick the
-        other order for the box, which moves some pixels by a level or two (more where bicubic
-        overshoot is clipped). A test bounds the difference. uint8 HWC.
+      * ``pixels``: the decoded image as a uint8 tensor, resized by ``torch.nn.functional.
+        interpolate(antialias=True)`` and cropped. On uint8 that is PyTorch's port of PIL's
+        separable resampling (the kernel torchvision's ``resize`` uses for uint8 tensors),
+        vectorized, 2-4x faster than PIL's own resize here (0.25 vs 0.70 ms for a 150 px
+        photo to 224 px bicubic, one thread, AVX-512). The result is torchvision's PIL path up
+        to 8-bit rounding (a level or two where the two round differently); a test bounds the
+        difference. uint8 HWC.
       * ``normalize``: scale and normalize a whole uint8 batch in one fused multiply-add,
         producing the channels_last float32 batch the models take.
 
@@ -264,9 +287,9 @@ class EvalTransform:
             )
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("mean and std need 3 values (RGB)")
-        if self.interpolation not in _PIL_RESAMPLE:
+        if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {self.interpolation!r} is not one of "
-                             f"{sorted(_PIL_RESAMPLE)}")
+                             f"{list(INTERPOLATIONS)}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         # (x / 255 - mean) / std = x * scale + shift, per RGB channel (the last axis of NHWC).
@@ -292,32 +315,28 @@ class EvalTransform:
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
-    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
-        """The source region (left, top, right, bottom), px, that ends up in the model input.
-
-        torchvision's ``Resize([s])`` scales the shorter side to ``s`` and the longer to
-        ``int(s * long / short)``; ``CenterCrop(c)`` then starts at ``int(round((side - c) / 2))``.
-        Both, mapped back through each axis' scale (source / resized), give the box.
-        """
-        s, c = self.resize_size, self.crop_size
-        if width <= height:
-            new_w, new_h = s, int(s * height / width)
-        else:
-            new_w, new_h = int(s * width / height), s
-        left, top = int(round((new_w - c) / 2.0)), int(round((new_h - c) / 2.0))
-        sx, sy = width / new_w, height / new_h
-        return (left * sx, top * sy, (left + c) * sx, (top + c) * sy)
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height), px, after torchvision's ``Resize([resize_size])``: the shorter side
+        becomes ``resize_size``, the longer ``int(resize_size * long / short)``."""
+        s = self.resize_size
+        return (s, int(s * height / width)) if width <= height else (int(s * width / height), s)
 
     def pixels(self, img: Image.Image) -> torch.Tensor:
-        """Resizes and center-crops an RGB PIL image in one resample.
+        """Resizes the shorter side and center-crops an RGB PIL image.
 
         Returns:
             uint8 tensor [crop_size, crop_size, 3] (HWC, RGB).
         """
         c = self.crop_size
-        out = img.resize((c, c), _PIL_RESAMPLE[self.interpolation],
-                         box=self.crop_box(*img.size))
-        return torch.from_numpy(np.array(out, dtype=np.uint8))
+        new_w, new_h = self.resized_size(*img.size)
+        left, top = int(round((new_w - c) / 2.0)), int(round((new_h - c) / 2.0))
+        with one_intra_op_thread():
+            # HWC uint8 seen as NCHW is channels_last: the layout of the vectorized uint8 kernel.
+            x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None]
+            if (new_h, new_w) != tuple(x.shape[-2:]):
+                x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode=self.interpolation,
+                                                    antialias=True, align_corners=False)
+            return x[0, :, top:top + c, left:left + c].permute(1, 2, 0).contiguous()
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """Scales a uint8 batch to [0, 1] and normalizes it.

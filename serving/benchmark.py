@@ -9,7 +9,9 @@ For each back-end in ``--backends`` (``handler/backends.py``) the archive step b
 archive (``training/archive.py --backend``; ONNX export and int8 calibration happen there), and:
   1. in-process limit: the archive's runner on already preprocessed tensors at batch 1 and at
      ``--batch-size``, ``--threads`` intra-op threads, no server, with the worker's heap setting
-     (``--retain-heap-mb``, applied to this process too); plus its warm-up cost (runner
+     (``--retain-heap-mb``, applied to this process too); with ``--workers`` N > 1, N such
+     runners in N processes at once, their images/s summed (the layout the server runs, so
+     served / limit compares serving with the same cores' work); plus its warm-up cost (runner
      construction + first calls) and its top-1 accuracy on ``--accuracy-dir`` (skipped when
      ``--crop-size`` serves at another resolution than the model was trained at);
 Then one real TorchServe serves the ``--serve`` archives (our handler, batchSize
@@ -29,6 +31,8 @@ time. Bounded (a fixed request count per point), loopback only. Figures only: no
 from __future__ import annotations
 
 import json
+import multiprocessing
+import queue
 import tempfile
 import time
 import zipfile
@@ -79,6 +83,63 @@ def in_process_limit(runner, batch: torch.Tensor, seconds: float) -> dict:
     return out
 
 
+def _limit_process(backend: str, checkpoint: str, model_dir: str, threads: int, batch_path: str,
+                   seconds: float, retain_heap_mb: int, start, results) -> None:
+    """One of ``parallel_limit``'s runners (a spawned process): build, wait for the others, time."""
+    retain_heap(retain_heap_mb)
+    batch = torch.load(batch_path, weights_only=True).contiguous(memory_format=torch.channels_last)
+    runner, _ = timed_runner(backend, Path(checkpoint), Path(model_dir), threads, batch)
+    start.wait()
+    results.put(in_process_limit(runner, batch, seconds))
+
+
+def parallel_limit(backend: str, checkpoint: Path, model_dir: Path, threads: int,
+                   batch: torch.Tensor, seconds: float, workers: int, retain_heap_mb: int,
+                   timeout_s: float = 300.0) -> dict:
+    """The in-process limit of ``workers`` runners at once, one process each (as TorchServe
+    runs its workers), each with ``threads`` intra-op threads.
+
+    The processes build their runners, start together (a barrier) and time as
+    ``in_process_limit`` does. Returns its dict with images/s summed over the runners and
+    ms per batch averaged, plus ``"runners"``: each runner's own dict.
+
+    Raises:
+        RuntimeError: a runner process exited with an error, or all had not reported within
+            ``timeout_s``.
+    """
+    ctx = multiprocessing.get_context("spawn")  # fresh processes: thread pools do not survive fork
+    start, results = ctx.Barrier(workers), ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        batch_path = str(Path(tmp) / "batch.pt")
+        torch.save(batch.contiguous(), batch_path)
+        procs = [ctx.Process(target=_limit_process, daemon=True,
+                             args=(backend, str(checkpoint), str(model_dir), threads, batch_path,
+                                   seconds, retain_heap_mb, start, results))
+                 for _ in range(workers)]
+        for proc in procs:
+            proc.start()
+        runs, deadline = [], time.monotonic() + timeout_s
+        try:
+            while len(runs) < workers:
+                try:
+                    runs.append(results.get(timeout=1.0))
+                except queue.Empty:
+                    codes = [proc.exitcode for proc in procs]
+                    if any(code not in (None, 0) for code in codes) or time.monotonic() > deadline:
+                        raise RuntimeError(f"a {backend} limit process failed or timed out "
+                                           f"(exit codes {codes})") from None
+        finally:
+            for proc in procs:
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.kill()
+    out = {bs: {"images_per_s": round(sum(r[bs]["images_per_s"] for r in runs), 2),
+                "ms_per_batch": round(sum(r[bs]["ms_per_batch"] for r in runs) / len(runs), 2)}
+           for bs in runs[0]}
+    out["runners"] = runs
+    return out
+
+
 def accuracy(runner, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
     """Top-1 accuracy in percent of ``runner`` on preprocessed ``images``."""
     with torch.inference_mode():
@@ -96,6 +157,9 @@ def to_markdown(result: dict) -> str:
              "TorchServe defaults.", "",
              f"| back-end | batch 1 images/s (ms) | batch {cfg['batch_size']} images/s (ms) "
              "| vs eager | warm-up s | archive s | top-1 % |", "|---|---|---|---|---|---|---|"]
+    if cfg["workers"] > 1:
+        lines[1:1] = [f"In-process limits: {cfg['workers']} runners at once, one process each, "
+                      "images/s summed.", ""]
     eager = result["backends"].get("eager", {}).get("limit", {}).get(str(cfg["batch_size"]))
     for name, b in result["backends"].items():
         one, full = b["limit"]["1"], b["limit"][str(cfg["batch_size"])]
@@ -107,7 +171,8 @@ def to_markdown(result: dict) -> str:
         lines += ["", f"Served: `{label}`"]
         again = result["backends"].get(label.removeprefix("ours:"), {}).get("limit_at_sweep")
         if again:
-            lines.append(f"(in-process next to this sweep: batch 1 {again['1']['images_per_s']} images/s "
+            lines.append(f"(in-process next to this sweep, {cfg['workers']} runner(s) x "
+                         f"{cfg['threads']} threads: batch 1 {again['1']['images_per_s']} images/s "
                          f"({again['1']['ms_per_batch']} ms), batch {cfg['batch_size']} "
                          f"{again[str(cfg['batch_size'])]['images_per_s']} images/s)")
         lines += ["", "| concurrency | images/s | p50 ms | p90 ms | p99 ms | queue ms | errors "
@@ -186,7 +251,7 @@ def run(args) -> dict:
             folder = image_folder(args.accuracy_dir, transform, transform.resize_size)
             scored = (torch.stack([img for img, _ in folder]), torch.tensor(folder.targets))
         store = tmp / "store"
-        models, runners = [], {}
+        models, limit_again = [], {}  # served back-end -> its limit, to measure next to the sweep
         for backend in args.backends:
             name = f"bench-{backend}"
             start = time.perf_counter()
@@ -201,15 +266,21 @@ def run(args) -> dict:
             model_dir = tmp / "unpacked" / backend
             zipfile.ZipFile(mar).extractall(model_dir)
             runner, warmup_s = timed_runner(backend, checkpoint, model_dir, args.threads, batch)
-            entry = {"archive_s": archive_s, "warmup_s": warmup_s,
-                     "limit": in_process_limit(runner, batch, args.limit_seconds)}
+
+            def limit(runner=runner, backend=backend, model_dir=model_dir):
+                if args.workers == 1:
+                    torch.set_num_threads(args.threads)
+                    return in_process_limit(runner, batch, args.limit_seconds)
+                return parallel_limit(backend, checkpoint, model_dir, args.threads, batch,
+                                      args.limit_seconds, args.workers, args.retain_heap_mb)
+            entry = {"archive_s": archive_s, "warmup_s": warmup_s, "limit": limit()}
             if scored is not None:
                 entry["accuracy"] = accuracy(runner, *scored, args.batch_size)
             print(f"{backend}: {json.dumps(entry)}", flush=True)
             result["backends"][backend] = json.loads(json.dumps(entry))
             if backend in args.serve:
                 models.append(f"{name}={name}.mar")
-                runners[backend] = runner
+                limit_again[backend] = limit
             del runner
         if args.stock:
             models.append(build_stock_archive(ckpt, store, tmp))
@@ -225,11 +296,10 @@ def run(args) -> dict:
                     images_per = 1 if model == STOCK else args.images_per_request
                     sweep_point(ts, model, images, max(args.concurrency), min(50, args.requests), images_per)  # warm-up
                     backend = label.removeprefix("ours:")
-                    if backend in runners:
+                    if backend in limit_again:
                         # again, next to the sweep: on a shared machine the speed drifts by
                         # 10-20 % over minutes; the ratios use this figure
-                        torch.set_num_threads(args.threads)
-                        limit = in_process_limit(runners.pop(backend), batch, args.limit_seconds)
+                        limit = limit_again.pop(backend)()
                         result["backends"][backend]["limit_at_sweep"] = json.loads(json.dumps(limit))
                         print(f"{backend} in-process, next to the sweep: {json.dumps(limit)}", flush=True)
                     result["sweeps"][label] = []

@@ -88,3 +88,24 @@ def test_heap_ab_smoke():
         assert set(r) == {"arch", "heap", "ms_per_batch", "user_ms", "sys_ms", "minor_faults",
                           "peak_rss_mb"}
         assert r["arch"] == "resnet18" and r["peak_rss_mb"] > 0
+
+
+def test_parallel_limit_runs_one_runner_per_process_and_sums_them(tmp_path):
+    """The limit for W workers: W runner processes timed at once, their images/s summed."""
+    import torch
+
+    from serving.benchmark import parallel_limit
+    from training.predict import load_classifier
+    checkpoint = make_checkpoint(tmp_path / "ckpt.pt", CLASSES)
+    _, _, transform = load_classifier(checkpoint, torch.device("cpu"))
+    batch = torch.stack([transform.load(encode(scene(seed=i))) for i in range(4)])
+    limit = parallel_limit("eager", checkpoint, tmp_path, 1, batch, 0.3, workers=2,
+                           retain_heap_mb=0)
+    runs = limit.pop("runners")
+    assert len(runs) == 2 and set(limit) == {1, 4}
+    for bs in (1, 4):
+        assert all(r[bs]["images_per_s"] > 0 for r in runs)
+        assert limit[bs]["images_per_s"] == round(sum(r[bs]["images_per_s"] for r in runs), 2)
+    with pytest.raises(RuntimeError, match="limit process failed"):  # no model.onnx there
+        parallel_limit("onnxruntime", checkpoint, tmp_path, 1, batch, 0.3, workers=2,
+                       retain_heap_mb=0)

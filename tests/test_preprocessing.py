@@ -190,3 +190,20 @@ def test_a_progressive_scan_bomb_is_refused_before_decoding():
     assert decode_image(encode(scene(400, 300), "JPEG", progressive=True)).size == (400, 300)
     with pytest.raises(ImageTooLargeError, match="max_jpeg_scans"):
         decode_image(encode(scene(), "JPEG", progressive=True), budget=DecodeBudget(max_jpeg_scans=4))
+
+
+def test_per_image_work_runs_on_one_thread_and_restores_the_count():
+    from handler.preprocessing import one_intra_op_thread
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError):
+            with one_intra_op_thread():
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+        tf = EvalTransform(crop_size=64, resize_size=73, interpolation="bicubic")
+        assert tf.pixels(scene(150, 120, seed=3)).shape == (64, 64, 3)
+        assert torch.get_num_threads() == 2  # the worker's forward pass keeps its threads
+    finally:
+        torch.set_num_threads(before)

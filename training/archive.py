@@ -44,7 +44,7 @@ import torch
 import yaml
 
 from handler.architectures import load_trained
-from handler.backends import BACKENDS, ONNX_FILES, default_threads
+from handler.backends import BACKENDS, ONNX_FILES, default_threads, retain_heap
 from handler.settings import DEFAULT_RETAIN_HEAP_MB, DEFAULT_TOPK, HandlerSettings
 from training.backend_choice import AUTO_CANDIDATES, choose_backend
 
@@ -272,6 +272,8 @@ def main(args) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.topk < 1:
         raise ValueError("--topk must be >= 1")
+    # The back-end timing below runs with the heap setting the workers will have.
+    retain_heap(args.retain_heap_mb)
     checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     args.export_path.mkdir(parents=True, exist_ok=True)
     mar = args.export_path / f"{args.archive_name or args.model_name}.mar"

@@ -40,7 +40,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from handler.backends import retain_heap
 from handler.preprocessing import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+from handler.settings import DEFAULT_RETAIN_HEAP_MB
 from training.data import make_datasets
 from training.features import (DEFAULT_CS, cached_features, fit_linear_head, refit_linear_head,
                                weights_digest)
@@ -139,6 +141,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="share of train/ held out (stratified) when val/ is missing")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--retain-heap-mb", type=int, default=DEFAULT_RETAIN_HEAP_MB,
+                   help="free CPU heap (MiB) glibc keeps between batches instead of unmapping "
+                        "it (handler.backends.retain_heap, as the workers do); 0: glibc's "
+                        "defaults")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-train-minutes", type=float, default=None,
                    help="stop starting new epochs after this much wall time")
@@ -328,6 +334,10 @@ def main(args) -> dict:
     lead = rank() == 0  # rank 0 fits the head, evaluates and writes every output
     logging.basicConfig(level=logging.INFO if lead else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
+    # Before any tensor exists; data-loading processes fork with it. Without it every batch's
+    # activations come from fresh mmap pages: Lite0 at 160 px extracted features at 76-100
+    # images/s instead of 150-180 and trained at 41 instead of 49 (2 cores, AVX-512).
+    heap = retain_heap(args.retain_heap_mb)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -339,7 +349,8 @@ def main(args) -> dict:
                          "it needs --head-from-features and --epochs > 0")
     out = args.output_dir
     eval_tf = eval_transform(args)
-    logger.info("%s, weights %s, preprocessing %s", args.arch, args.weights, eval_tf.to_dict())
+    logger.info("%s, weights %s, preprocessing %s, %s", args.arch, args.weights, eval_tf.to_dict(),
+                f"{args.retain_heap_mb} MiB of free heap retained" if heap else "glibc heap defaults")
     if lead:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "args.yaml", "w") as f:
