@@ -192,7 +192,7 @@ def test_a_progressive_scan_bomb_is_refused_before_decoding():
         decode_image(encode(scene(), "JPEG", progressive=True), budget=DecodeBudget(max_jpeg_scans=4))
 
 
-def test_per_image_work_runs_on_one_thread_and_restores_the_count():
+def test_per_image_work_runs_on_one_thread_and_restores_the_count(monkeypatch):
     from handler.preprocessing import one_intra_op_thread
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -202,8 +202,16 @@ def test_per_image_work_runs_on_one_thread_and_restores_the_count():
                 assert torch.get_num_threads() == 1
                 raise RuntimeError("inside")
         assert torch.get_num_threads() == 2
+        seen = []
+        resize = torch.nn.functional.interpolate
+
+        def recording(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return resize(*args, **kwargs)
+        monkeypatch.setattr(torch.nn.functional, "interpolate", recording)
         tf = EvalTransform(crop_size=64, resize_size=73, interpolation="bicubic")
         assert tf.pixels(scene(150, 120, seed=3)).shape == (64, 64, 3)
+        assert seen == [1]  # the resize ran on one thread
         assert torch.get_num_threads() == 2  # the worker's forward pass keeps its threads
     finally:
         torch.set_num_threads(before)

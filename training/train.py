@@ -334,9 +334,10 @@ def main(args) -> dict:
     lead = rank() == 0  # rank 0 fits the head, evaluates and writes every output
     logging.basicConfig(level=logging.INFO if lead else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
-    # Before any tensor exists; data-loading processes fork with it. Without it every batch's
-    # activations come from fresh mmap pages: Lite0 at 160 px extracted features at 76-100
-    # images/s instead of 150-180 and trained at 41 instead of 49 (2 cores, AVX-512).
+    # Before the data and the model are loaded; data-loading processes fork with it. Without
+    # it every batch's activations come from fresh mmap pages: Lite0 at 160 px extracted
+    # features at 76-100 images/s instead of 150-180 and trained at 41 instead of 49 (2 cores,
+    # AVX-512).
     heap = retain_heap(args.retain_heap_mb)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
