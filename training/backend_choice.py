@@ -1,9 +1,11 @@
 """The back-end that fits this CPU, chosen by measurement (``training.archive --backend auto``).
 
-Each candidate back-end (``handler/backends.py``) is first held to the accuracy gate: its top-1
-accuracy on labelled photos the calibration never saw, against the fp32 model's, may drop by at
-most ``--max-accuracy-drop`` points. The survivors are then timed on this machine at the served
-batch size and thread count, one after the other in this process, and the fastest is served.
+Each candidate back-end (``handler/backends.py``) is first timed on one probe batch; one slower
+than ``MIN_SPEED_OF_EAGER`` of eager's speed is rejected untried. The others are held to the
+accuracy gate: top-1 accuracy on labelled photos the calibration never saw, against the fp32
+model's, may drop by at most ``--max-accuracy-drop`` points. The survivors are then timed on
+this machine at the served batch size and thread count, one after the other in this process,
+and the fastest is served.
 The figures, the CPU's instruction-set flags and the reason go into ``model-config.yaml``
 (``handler.backend_selection``).
 
@@ -22,12 +24,18 @@ from typing import Optional
 import numpy as np
 import torch
 
-from handler.backends import ONNX_FILES, TORCH_BACKENDS, fastest, make_runner
+from handler.backends import (ONNX_FILES, TORCH_BACKENDS, fastest, make_runner,
+                              measure_throughput)
 
 logger = logging.getLogger(__name__)
 
 # compile is left out by default: it compiles in every worker at load (minutes on 2 cores).
 AUTO_CANDIDATES = ("eager", "bf16", "onnxruntime", "onnxruntime-int8")
+# A candidate slower than this fraction of eager on a probe batch can never be the fastest here,
+# and its gate would cost minutes: it is rejected untried. bf16 on an AVX2-only CPU (no
+# avx512_bf16, no AMX) ran Lite0 at 160 px at 2.2 images/s against eager's 54.9: its gate on
+# 386 photos alone took 3 minutes of the archive step.
+MIN_SPEED_OF_EAGER = 0.25
 # /proc/cpuinfo flags that decide which back-end is fast.
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
@@ -75,8 +83,9 @@ def choose_backend(model: torch.nn.Module, crop_size: int, dest: Path, *,
 
     Returns:
         ``{"backend", "reason", "cpu_flags", "threads", "batch_size", "images_per_s": {name:
-        images/s}, "accuracy": {name: top-1 %} (with labelled photos), "rejected": {name:
-        why}, "gpu_backends": [torch back-ends that passed the gate]}``.
+        images/s} (the survivors), "accuracy": {name: top-1 %} (the gated, with labelled
+        photos), "rejected": {name: why}, "gpu_backends": [torch back-ends that passed the
+        gate]}``.
     """
     from training.export import export_onnx, quantize_int8
 
@@ -102,11 +111,23 @@ def choose_backend(model: torch.nn.Module, crop_size: int, dest: Path, *,
             runners[name] = make_runner(name, module, onnx_path=path, num_threads=threads,
                                         example=example)
         accuracy, rejected = {}, {}
+        example = (labelled[1][:batch_size] if labelled is not None else
+                   torch.randn(batch_size, 3, crop_size, crop_size))
+        example = example.contiguous(memory_format=torch.channels_last)
+        probe = {name: measure_throughput(run, example, min_runs=1, min_seconds=0.0)
+                 for name, run in runners.items()}
+        eager_probe = probe.get("eager") or measure_throughput(
+            make_runner("eager", model), example, min_runs=1, min_seconds=0.0)
+        for name, speed in probe.items():
+            if name != "eager" and speed < MIN_SPEED_OF_EAGER * eager_probe:
+                rejected[name] = (f"{speed:.1f} images/s on a probe batch against eager's "
+                                  f"{eager_probe:.1f}: too slow on this CPU, not gated")
         # the reference: the fp32 model itself, never rejected
         if labelled is not None:
             _, check, labels = labelled
             for name, run in runners.items():
-                accuracy[name] = round(100 * float((predictions(run, check) == labels).mean()), 2)
+                if name not in rejected:
+                    accuracy[name] = round(100 * float((predictions(run, check) == labels).mean()), 2)
             reference = accuracy.get("eager")
             if reference is None:
                 fp32 = predictions(make_runner("eager", model), check)
@@ -118,9 +139,6 @@ def choose_backend(model: torch.nn.Module, crop_size: int, dest: Path, *,
         passed = {name: run for name, run in runners.items() if name not in rejected}
         if not passed:  # eager was not a candidate and every other one lost accuracy
             passed = {"eager": make_runner("eager", copy.deepcopy(model))}
-        example = (labelled[1][:batch_size] if labelled is not None else
-                   torch.randn(batch_size, 3, crop_size, crop_size))
-        example = example.contiguous(memory_format=torch.channels_last)
         chosen, speed = fastest(passed, example)
     finally:
         torch.set_num_threads(previous_threads)
