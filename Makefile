@@ -24,7 +24,7 @@ TRAIN_ARGS ?= --image-size 32 --epochs 6 --batch-size 64 --lr 2e-3 --weight-deca
 endif
 else
 ifeq ($(strip $(SCRATCH)),)
-TRAIN_ARGS ?= $(TRANSFER) --image-size 160 --epochs 6 --lr 2e-4 --min-crop-scale 0.5 --train-last 7
+TRAIN_ARGS ?= $(TRANSFER) --image-size 160 --epochs 6 --train-last 7 --lr 2e-4 --min-crop-scale 0.5
 else
 TRAIN_ARGS ?= --image-size 64 --epochs 38 --batch-size 32 --lr 2e-3 --weight-decay 0.05 \
   --lr-warmup-epochs 2 --label-smoothing 0.1 --workers 1 --max-train-minutes 27

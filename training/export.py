@@ -278,7 +278,6 @@ def quantize_int8(fp32_path: Path, path: Path, calibration: torch.Tensor) -> Pat
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             per_channel=True, reduce_range=True,
                             extra_options={"TensorQuantOverrides": overrides})
-    logger.info("int8: %s", path)
     return path
 
 
