@@ -1,5 +1,9 @@
 """Inference back-ends: one callable, float32 images [N, 3, H, W] in, float32 logits [N, C] out.
 
+The handler passes contiguous NCHW batches (``EvalTransform.normalize``), the layout ONNX
+Runtime reads without a copy; the torch modules hold channels_last weights, and their first
+convolution takes the input to channels_last (``compile`` converts it before the call).
+
 Selected by ``handler.backend`` in the archive's ``model-config.yaml`` (``training/archive.py
 --backend``). Figures for DenseNet121 on a 2-core AVX2 CPU are in the README's "Benchmark".
 
@@ -82,18 +86,20 @@ def _compiled_runner(model: torch.nn.Module, example: torch.Tensor) -> Runner:
     inductor_config.freezing = True
     compiled = torch.compile(model, dynamic=False)
     full = example.shape[0]
+    # Always channels_last (the weights' layout): the compiled graph is guarded on the input's
+    # strides, and a batch in another layout would compile again, in a request.
+    example = example.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         compiled(example[:1])
         compiled(example)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        if n in (1, full):
-            return compiled(x)
         if n > full:
             raise ValueError(f"batch of {n} > the compiled batch {full}")
-        padded = torch.cat([x, x[-1:].expand(full - n, *x.shape[1:])])
-        return compiled(padded.contiguous(memory_format=torch.channels_last))[:n]
+        if n not in (1, full):
+            x = torch.cat([x, x[-1:].expand(full - n, *x.shape[1:])])
+        return compiled(x.contiguous(memory_format=torch.channels_last))[:n]
     return run
 
 
@@ -122,8 +128,8 @@ def measure_throughput(run: Runner, example: torch.Tensor, *, min_runs: int = 5,
 
     Args:
         run: a ``make_runner`` function.
-        example: float32 [B, 3, H, W] on the runner's device, channels_last; B is the served
-            batch size.
+        example: float32 [B, 3, H, W] on the runner's device, in the layout the handler passes
+            (contiguous NCHW); B is the served batch size.
 
     Returns:
         ``B / median seconds per run``, images/s.

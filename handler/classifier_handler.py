@@ -126,8 +126,9 @@ class ImageClassifierHandler(BaseHandler):
                                  exported["state_dict"], exported.get("tta")).to(self.device,
                                                             memory_format=torch.channels_last)
         size = self.transform.crop_size
+        # the layout requests arrive in (EvalTransform.normalize: contiguous NCHW)
         example = torch.zeros(max(int(props.get("batch_size") or 1), 1), 3, size, size,
-                              device=self.device).contiguous(memory_format=torch.channels_last)
+                              device=self.device)
         start = time.perf_counter()
         if choose_on_gpu:
             self.backend, speed = self._fastest_on_gpu(model, gpu_backends, example)
@@ -265,7 +266,7 @@ class ImageClassifierHandler(BaseHandler):
 
         A bad request (or one bad image in it: the message names which) is recorded in
         ``Batch.errors``, not raised; the batch's other requests go on. Sets ``Batch.pixels``:
-        uint8 [M, crop, crop, 3] for the M images of the good requests, in order.
+        uint8 [M, 3, crop, crop] for the M images of the good requests, in order.
         """
         batch = Batch(size=len(data))
         tensors: list[torch.Tensor] = []
@@ -315,8 +316,8 @@ class ImageClassifierHandler(BaseHandler):
         """Runs the model on the batch's images, at most ``max_images_per_forward`` at a time:
         sets ``batch.probs`` float32 [M, C].
 
-        Each chunk goes to the device as uint8 NHWC (a quarter of float32's bytes) and is
-        scaled and normalized there in one fused step (channels_last float32), so memory stays
+        Each chunk goes to the device as uint8 NCHW (a quarter of float32's bytes) and is
+        scaled and normalized there in one fused step (contiguous NCHW float32), so memory stays
         bounded by the chunk however many images the batch's requests carry.
         """
         if batch.pixels is None:

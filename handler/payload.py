@@ -41,7 +41,7 @@ class Batch:
 
     Attributes:
         size: number of requests in the batch.
-        pixels: uint8 [M, H, W, 3], the M decoded images of the good requests, in order.
+        pixels: uint8 [M, 3, H, W], the M decoded images of the good requests, in order.
         requests: request index -> its ``Parsed`` form (good requests only).
         spans: request index -> (first, end) rows of its images in ``pixels``.
         errors: request index -> the client error it gets, and the form to answer it in.

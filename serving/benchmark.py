@@ -87,7 +87,7 @@ def _limit_process(backend: str, checkpoint: str, model_dir: str, threads: int, 
                    seconds: float, retain_heap_mb: int, start, results) -> None:
     """One of ``parallel_limit``'s runners (a spawned process): build, wait for the others, time."""
     retain_heap(retain_heap_mb)
-    batch = torch.load(batch_path, weights_only=True).contiguous(memory_format=torch.channels_last)
+    batch = torch.load(batch_path, weights_only=True).contiguous()
     runner, _ = timed_runner(backend, Path(checkpoint), Path(model_dir), threads, batch)
     start.wait()
     results.put(in_process_limit(runner, batch, seconds))
@@ -143,7 +143,7 @@ def parallel_limit(backend: str, checkpoint: Path, model_dir: Path, threads: int
 def accuracy(runner, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
     """Top-1 accuracy in percent of ``runner`` on preprocessed ``images``."""
     with torch.inference_mode():
-        preds = torch.cat([runner(images[i:i + batch_size].contiguous(memory_format=torch.channels_last))
+        preds = torch.cat([runner(images[i:i + batch_size].contiguous())
                            .argmax(1) for i in range(0, len(images), batch_size)])
     return round(100 * (preds == labels).float().mean().item(), 2)
 
@@ -244,8 +244,9 @@ def run(args) -> dict:
             checkpoint = tmp / "checkpoint.pt"
             torch.save(ckpt, checkpoint)
         _, _, transform = load_classifier(checkpoint, torch.device("cpu"))
-        batch = torch.stack([transform.load(images[i % len(images)]) for i in range(args.batch_size)]
-                            ).contiguous(memory_format=torch.channels_last)
+        # the batch as the handler hands it to the runner (EvalTransform.normalize's layout)
+        batch = transform.normalize(torch.stack([transform.load_pixels(images[i % len(images)])
+                                                 for i in range(args.batch_size)]))
         scored = None
         if args.accuracy_dir and args.accuracy_dir.is_dir() and not args.crop_size:
             folder = image_folder(args.accuracy_dir, transform, transform.resize_size)

@@ -383,3 +383,36 @@ def test_learning_curves_mark_the_best_epoch_and_keep_a_loss_spike_off_the_axis(
     fig = learning_curves_figure(calm)
     assert not fig.axes[0].texts
     plt.close(fig)
+
+
+def test_mixup_and_cutmix_mix_images_and_targets_alike():
+    """Each mixed image is lam x itself + (1 - lam) x its neighbour in the batch (MixUp: every
+    pixel; CutMix: a box of that area), and its soft target says the same lam."""
+    assert train.batch_mixing(0.0, 0.0, 4) is None
+    n = 8
+    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 16, 16).contiguous()
+    targets = torch.arange(n) % 4  # a neighbour (i - 1) never has the same class
+    for alphas in ((0.4, 0.0), (0.0, 1.0), (0.2, 1.0)):
+        mix = train.batch_mixing(*alphas, num_classes=4)
+        for seed in range(5):
+            torch.manual_seed(seed)
+            mixed, soft = mix(images, targets)
+            assert soft.shape == (n, 4) and torch.allclose(soft.sum(1), torch.ones(n))
+            lam = soft[torch.arange(n), targets]
+            partner = soft[torch.arange(n), targets.roll(1)]
+            assert torch.allclose(lam + partner, torch.ones(n))
+            expected = lam * torch.arange(n) + partner * torch.arange(n).roll(1)
+            assert torch.allclose(mixed.mean(dim=(1, 2, 3)), expected, atol=1e-4), alphas
+
+
+def test_training_epoch_with_mixing_takes_soft_targets():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    data = TensorDataset(torch.randn(16, 3, 12, 12), torch.arange(16) % 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = train.train_one_epoch(model, DataLoader(data, batch_size=8), torch.nn.CrossEntropyLoss(),
+                                opt, torch.device("cpu"), "t", mix=train.batch_mixing(0.2, 1.0, 3))
+    assert out["images"] == 16 and torch.isfinite(torch.tensor(out["loss"]))

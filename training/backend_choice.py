@@ -58,7 +58,7 @@ def predictions(run, images: torch.Tensor, batch_size: int = 32) -> np.ndarray:
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].contiguous(memory_format=torch.channels_last)
+            x = images[i:i + batch_size].contiguous()  # the handler's layout (NCHW)
             out.append(run(x).argmax(1).cpu().numpy())
     return np.concatenate(out)
 
@@ -106,14 +106,13 @@ def choose_backend(model: torch.nn.Module, crop_size: int, dest: Path, *,
             path = str(dest / ONNX_FILES[name]) if name in ONNX_FILES else None
             # bf16 casts the module it is given: each torch back-end gets its own copy
             module = copy.deepcopy(model) if name not in ONNX_FILES else None
-            example = torch.zeros(batch_size, 3, crop_size, crop_size).contiguous(
-                memory_format=torch.channels_last)
+            example = torch.zeros(batch_size, 3, crop_size, crop_size)
             runners[name] = make_runner(name, module, onnx_path=path, num_threads=threads,
                                         example=example)
         accuracy, rejected = {}, {}
         example = (labelled[1][:batch_size] if labelled is not None else
                    torch.randn(batch_size, 3, crop_size, crop_size))
-        example = example.contiguous(memory_format=torch.channels_last)
+        example = example.contiguous()  # as the handler passes batches: NCHW
         probe = {name: measure_throughput(run, example, min_runs=1, min_seconds=0.0)
                  for name, run in runners.items()}
         eager_probe = probe.get("eager") or measure_throughput(

@@ -119,6 +119,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--lr-gamma", type=float, default=0.1, help="step decay factor")
     p.add_argument("--lr-warmup-epochs", type=int, default=0, help="linear warm-up epochs")
     p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--mixup-alpha", type=float, default=0.0,
+                   help="MixUp on training batches, Beta(alpha, alpha) mixing (0: off)")
+    p.add_argument("--cutmix-alpha", type=float, default=0.0,
+                   help="CutMix on training batches (0: off); with --mixup-alpha each batch "
+                        "gets one of the two at random")
     p.add_argument("--image-size", type=int, default=None,
                    help="crop size fed to the model, px (default: the pretrained weights' "
                         "input size, else 224)")
@@ -151,9 +156,29 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def batch_mixing(mixup_alpha: float, cutmix_alpha: float, num_classes: int):
+    """MixUp and/or CutMix for training batches, torchvision's (``transforms.v2.MixUp`` /
+    ``CutMix``, as in its classification reference recipe), or None when both alphas are 0.
+
+    Returns:
+        ``mix(images float32 [N, 3, H, W], targets int64 [N]) -> (images, targets float32
+        [N, num_classes])``: soft targets, which ``nn.CrossEntropyLoss`` takes as class
+        probabilities.
+    """
+    from torchvision.transforms import v2
+
+    mixes = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []) + \
+            ([v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer,
-                    device: torch.device, desc: str, *, freeze_bn_stats: bool = False) -> dict:
-    """One pass over ``loader``. Returns ``{"loss", "accuracy"}`` (means over images).
+                    device: torch.device, desc: str, *, freeze_bn_stats: bool = False,
+                    mix=None) -> dict:
+    """One pass over ``loader``. Returns ``{"loss", "accuracy"}`` (means over images; with
+    ``mix`` (``batch_mixing``) the accuracy counts the unmixed label).
 
     Batch norms of frozen stages always keep their statistics; with ``freeze_bn_stats`` all
     of them do (``models.freeze_batchnorm_stats``).
@@ -166,8 +191,13 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer,
     for images, targets in bar:
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
-        logits = model(images)
-        loss = criterion(logits, targets)
+        if mix is not None:
+            images, soft = mix(images, targets)
+            logits = model(images)
+            loss = criterion(logits, soft)
+        else:
+            logits = model(images)
+            loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -422,6 +452,7 @@ def main(args) -> dict:
                    "lr": args.lr * args.backbone_lr_scale}]
         optimizer = make_optimizer(args, [g for g in groups if g["params"]])
         scheduler = make_scheduler(args, optimizer)
+        mix = batch_mixing(args.mixup_alpha, args.cutmix_alpha, len(classes))
         scored = {}  # fine-tuning changes the model: score it again below
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
@@ -429,7 +460,8 @@ def main(args) -> dict:
         if sampler is not None:
             sampler.set_epoch(epoch)
         tr = train_one_epoch(train_model, train_loader, criterion, optimizer, device,
-                             f"epoch {epoch}/{args.epochs}", freeze_bn_stats=args.freeze_bn_stats)
+                             f"epoch {epoch}/{args.epochs}", freeze_bn_stats=args.freeze_bn_stats,
+                             mix=mix)
         scheduler.step()
         steps += len(train_loader)
         if not lead:
