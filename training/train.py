@@ -191,13 +191,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer,
     for images, targets in bar:
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
-        if mix is not None:
-            images, soft = mix(images, targets)
-            logits = model(images)
-            loss = criterion(logits, soft)
-        else:
-            logits = model(images)
-            loss = criterion(logits, targets)
+        labels = targets
+        if mix is not None:  # soft labels: class probabilities, which the loss accepts
+            images, labels = mix(images, targets)
+        logits = model(images)
+        loss = criterion(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
