@@ -413,6 +413,14 @@ def test_training_epoch_with_mixing_takes_soft_targets():
                                 torch.nn.Flatten(), torch.nn.Linear(4, 3))
     data = TensorDataset(torch.randn(16, 3, 12, 12), torch.arange(16) % 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    out = train.train_one_epoch(model, DataLoader(data, batch_size=8), torch.nn.CrossEntropyLoss(),
+    seen = []
+
+    def criterion(logits, labels):
+        seen.append(labels)
+        return torch.nn.functional.cross_entropy(logits, labels)
+    out = train.train_one_epoch(model, DataLoader(data, batch_size=8), criterion,
                                 opt, torch.device("cpu"), "t", mix=train.batch_mixing(0.2, 1.0, 3))
     assert out["images"] == 16 and torch.isfinite(torch.tensor(out["loss"]))
+    # the loss got class probabilities, not the int64 labels
+    assert len(seen) == 2 and all(t.dtype == torch.float32 and t.shape == (8, 3) for t in seen)
+    assert all(torch.allclose(t.sum(1), torch.ones(8)) for t in seen)
