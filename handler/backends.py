@@ -15,7 +15,8 @@ Selected by ``handler.backend`` in the archive's ``model-config.yaml`` (``traini
     to the largest (a dynamic batch dimension took over 10 minutes to compile DenseNet121
     on 2 cores, two static shapes about 2 minutes).
   * ``onnxruntime``: ``model.onnx`` (fp32, exported by the archive step) in ONNX Runtime.
-  * ``onnxruntime-int8``: ``model.int8.onnx``, the same graph after ONNX Runtime static
+  * ``onnxruntime-int8``: ``model.int8.onnx`` (7-bit weights) or, on a CPU with VNNI,
+    ``model.int8-w8.onnx`` (8-bit; ``onnx_file``), the same graph after ONNX Runtime static
     post-training quantization (QDQ, per-channel int8 weights, uint8 activations calibrated
     on training images; pre-activation batch norms as depthwise convs and one range per
     concat chain, so that the whole network runs in ONNX Runtime's integer NHWC kernels;
@@ -34,6 +35,16 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("eager", "bf16", "compile", "onnxruntime", "onnxruntime-int8")
 # Archive file each ONNX Runtime back-end reads (written by training/export.py).
 ONNX_FILES = {"onnxruntime": "model.onnx", "onnxruntime-int8": "model.int8.onnx"}
+# The int8 graph with full-range (8-bit) weights, next to the 7-bit ``model.int8.onnx``: a
+# worker whose CPU has VNNI reads it (``int8_weight_bits``; ``training/export.py``
+# ``quantize_int8`` says why there are two).
+INT8_W8_FILE = "model.int8-w8.onnx"
+# /proc/cpuinfo flags that decide which back-end is fast (and which int8 weights are exact).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
+             "amx_bf16", "amx_int8")
+# x86 int8 dot-product instructions that accumulate u8 x s8 products in 32 bits (Intel's
+# "Vector Neural Network Instructions": VPDPBUSD in AVX-512 and in AVX, and AMX's TDPBUSD).
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -106,6 +117,51 @@ def _compiled_runner(model: torch.nn.Module, example: torch.Tensor) -> Runner:
 # Back-ends a worker on a CUDA device may use: the ONNX Runtime graphs here are CPU graphs
 # (int8 QDQ, ORT's CPU kernels), so on a GPU the choice is among the torch ones.
 TORCH_BACKENDS = ("eager", "bf16")
+
+
+def cpu_flags() -> list[str]:
+    """The ``CPU_FLAGS`` this machine has (from ``/proc/cpuinfo``; [] where it is unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in CPU_FLAGS if flag in have]
+    except OSError:
+        pass
+    return []
+
+
+def int8_weight_bits(flags: Optional[list[str]] = None) -> int:
+    """The int8 weights whose integer arithmetic is exact on this CPU: 8 with VNNI, else 7.
+
+    ONNX Runtime's x86 u8 x s8 kernels without VNNI add pairs of products in int16
+    (``vpmaddubsw``), which saturates with 8-bit weights (255 * 127 * 2 > 32767); VNNI
+    accumulates in int32. Other CPUs (no x86 flags readable, e.g. ARM) get the 7-bit weights,
+    which are exact everywhere.
+
+    Args:
+        flags: ``cpu_flags()`` of the CPU in question (default: this one).
+    """
+    flags = cpu_flags() if flags is None else flags
+    return 8 if any(f in flags for f in VNNI_FLAGS) else 7
+
+
+def onnx_file(backend: str, model_dir: str, flags: Optional[list[str]] = None) -> Optional[str]:
+    """The ONNX file ``backend`` reads from an archive's ``model_dir``; None for torch ones.
+
+    ``onnxruntime-int8`` reads ``INT8_W8_FILE`` where the archive has it and the CPU has VNNI
+    (``int8_weight_bits``), else ``model.int8.onnx``.
+    """
+    import os
+
+    if backend not in ONNX_FILES:
+        return None
+    if backend == "onnxruntime-int8" and int8_weight_bits(flags) == 8:
+        full = os.path.join(model_dir, INT8_W8_FILE)
+        if os.path.exists(full):
+            return full
+    return os.path.join(model_dir, ONNX_FILES[backend])
 
 
 def default_threads(num_threads: int, max_workers: int) -> int:

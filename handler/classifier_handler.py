@@ -3,7 +3,7 @@
 The model archive holds this file at its top level (TorchServe's worker imports it as
 ``classifier_handler``), the ``handler/`` package it imports from, ``index_to_name.json``,
 ``model-config.yaml``, ``model.pt`` and, for the ONNX Runtime back-ends, ``model.onnx`` /
-``model.int8.onnx``. TorchServe puts the unpacked archive on the worker's ``PYTHONPATH``, so
+``model.int8.onnx`` + ``model.int8-w8.onnx``. TorchServe puts the unpacked archive on the worker's ``PYTHONPATH``, so
 ``handler.*`` resolves to the archive's own copy.
 
 Request forms (``handler/payload.py``; TorchServe's dynamic batching groups requests, and a
@@ -41,7 +41,8 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.architectures import load_trained
-from handler.backends import ONNX_FILES, default_threads, fastest, make_runner, retain_heap
+from handler.backends import (ONNX_FILES, default_threads, fastest, make_runner, onnx_file,
+                              retain_heap)
 from handler.explanations import explanation_answer, explanation_records, saliency
 from handler.payload import Batch, InternalError, TooManyImagesError, parse_request, protocol_of
 from handler.postprocessing import answer, error_answer, topk_records
@@ -134,8 +135,7 @@ class ImageClassifierHandler(BaseHandler):
             self.backend, speed = self._fastest_on_gpu(model, gpu_backends, example)
             logger.info("backend on %s: %s, the fastest of %s images/s at batch %d",
                         self.device, self.backend, speed, example.shape[0])
-        onnx = (os.path.join(model_dir, ONNX_FILES[self.backend])
-                if self.backend in ONNX_FILES else None)
+        onnx = onnx_file(self.backend, model_dir)  # int8: the weight width exact on this CPU
         self.model = make_runner(self.backend, model, onnx_path=onnx, device=self.device,
                                  num_threads=threads, example=example)
         with torch.inference_mode():  # warm-up: first-call allocations happen here, not in a request
@@ -143,9 +143,10 @@ class ImageClassifierHandler(BaseHandler):
             self.model(example)
         self._init_metrics(context)
         self.initialized = True
-        logger.info("loaded %s (%d classes) on %s, backend %s (warm-up %.1f s), default topk %d, "
-                    "%d intra-op threads, %s", exported["arch"], len(self.labels), self.device,
-                    self.backend, time.perf_counter() - start, self.default_topk,
+        logger.info("loaded %s (%d classes) on %s, backend %s%s (warm-up %.1f s), default topk "
+                    "%d, %d intra-op threads, %s", exported["arch"], len(self.labels), self.device,
+                    self.backend, f" ({os.path.basename(onnx)})" if onnx else "",
+                    time.perf_counter() - start, self.default_topk,
                     torch.get_num_threads(), heap)
 
     @staticmethod

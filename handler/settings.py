@@ -33,7 +33,8 @@ class HandlerSettings:
         num_threads: intra-op threads per worker, torch and ONNX Runtime. 0: the worker's CPUs
             divided by ``maxWorkers`` (at least 1; ``backends.default_threads``).
         backend: one of ``backends.BACKENDS``; ONNX Runtime back-ends read the archive's
-            ``model.onnx`` / ``model.int8.onnx``.
+            ``model.onnx`` / ``model.int8.onnx`` (or ``model.int8-w8.onnx`` on a VNNI CPU:
+            ``backends.onnx_file``).
         gpu_backends: torch back-ends that passed the archive's accuracy gate (``--backend
             auto``); a CUDA worker times these at load and serves the fastest. None: the CPU
             choice (``backend``) applies everywhere.

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from handler.backends import ONNX_FILES, make_runner, retain_heap
+from handler.backends import ONNX_FILES, make_runner, onnx_file, retain_heap
 from serving.inference import list_images
 from serving.load import sweep_point
 from serving.server import TorchServe, server_overrides
@@ -59,7 +59,7 @@ def timed_runner(backend: str, checkpoint: Path, model_dir: Path, threads: int, 
     model = None
     if backend not in ONNX_FILES:
         model, _, _ = load_classifier(checkpoint, torch.device("cpu"))
-    runner = make_runner(backend, model, onnx_path=str(model_dir / ONNX_FILES.get(backend, "")),
+    runner = make_runner(backend, model, onnx_path=onnx_file(backend, str(model_dir)),
                          num_threads=threads, example=batch)
     with torch.inference_mode():
         runner(batch[:1])

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import ROOT, encode, scene
-from handler.backends import make_runner
+from handler.backends import int8_weight_bits, make_runner, onnx_file
 from training.export import (batchnorm_as_depthwise_conv, concat_groups, export_onnx,
-                             onnx_predictions, quantize_int8)
+                             gate_int8_files, onnx_predictions, quantize_int8,
+                             quantize_int8_files)
 from training.predict import load_classifier
 
 pytestmark = pytest.mark.unit
@@ -60,6 +61,68 @@ def test_int8_is_quantized_and_stays_close_to_fp32(reference, onnx_fp32, tmp_pat
     assert onnx_predictions(int8, images).tolist() == out.argmax(1).tolist()
 
 
+def test_8bit_weights_use_the_full_range_and_err_less_than_7bit(tiny_densenet, tmp_path):
+    """The VNNI graph: the same quantization with weights in 8 bits, less error."""
+    import onnx
+
+    path, images, logits = tiny_densenet
+    files = quantize_int8_files(path, tmp_path, images)
+    assert {b: p.name for b, p in files.items()} == {7: "model.int8.onnx", 8: "model.int8-w8.onnx"}
+    peak = {}
+    for bits, path in files.items():
+        graph = onnx.load(str(path)).graph
+        peak[bits] = max(int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int16)).max())
+                         for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.dims)
+    assert peak[7] <= 64 < peak[8] <= 128
+    # reference arithmetic (no integer kernels) so that no CPU's saturation enters the comparison
+    err = {bits: float((torch.from_numpy(_ort_session(path, reference=True).run(
+        None, {"images": images.numpy()})[0]) - logits).pow(2).mean().sqrt())
+        for bits, path in files.items()}
+    assert 0 < err[8] < 0.9 * err[7], err  # 0.0123 against 0.0158 (activations err too)
+    with pytest.raises(ValueError, match="7 or 8"):
+        quantize_int8(path, tmp_path / "x.onnx", images, weight_bits=4)
+
+
+def test_reference_arithmetic_computes_the_int8_model(reference, onnx_fp32, tmp_path):
+    """``onnx_predictions(reference=True)`` (the gate of an 8-bit graph on a CPU without VNNI)
+    runs the QDQ graph unfused: the same model as the integer kernels, to rounding."""
+    _, images, _ = reference
+    int8 = quantize_int8(onnx_fp32, tmp_path / "model.int8.onnx", images[:8])
+    fused = _ort_session(int8).run(None, {"images": images.numpy()})[0]
+    unfused = _ort_session(int8, reference=True).run(None, {"images": images.numpy()})[0]
+    spread = float(np.std(fused))
+    assert np.abs(fused - unfused).max() < 0.1 * spread
+    assert onnx_predictions(int8, images, reference=True).tolist() == unfused.argmax(1).tolist()
+
+
+def test_gate_measures_each_width_where_it_is_exact_and_refuses_a_lossy_7bit(
+        reference, onnx_fp32, tmp_path):
+    _, images, _ = reference
+    files = quantize_int8_files(onnx_fp32, tmp_path, images[:8])
+    fp32 = onnx_predictions(onnx_fp32, images)
+    labels = fp32.copy()  # fp32 scores 100 %: the gate's drop is the int8 graphs' disagreement
+    avx2 = gate_int8_files(files, images, labels, fp32, max_drop=100, flags=["avx2"])
+    assert avx2["fp32_accuracy"] == 100.0 and avx2["served_here"] == 7
+    assert {b: w["arithmetic"] for b, w in avx2["weights"].items()} == {7: "native", 8: "reference"}
+    assert all(w["accuracy"] == w["top1_agreement"] and w["kept"] for w in avx2["weights"].values())
+    vnni = gate_int8_files(files, images, labels, fp32, max_drop=100, flags=["avx512_vnni"])
+    assert vnni["served_here"] == 8 and vnni["weights"][8]["arithmetic"] == "native"
+    with pytest.raises(ValueError, match="7-bit"):
+        gate_int8_files(files, images, labels, fp32, max_drop=-1, flags=["avx2"])
+
+
+def test_a_worker_reads_the_int8_width_exact_on_its_cpu(tmp_path):
+    (tmp_path / "model.int8.onnx").touch()
+    assert int8_weight_bits(["avx2", "avx512f"]) == 7 and int8_weight_bits([]) == 7
+    assert all(int8_weight_bits(["avx2", f]) == 8 for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    assert onnx_file("onnxruntime-int8", str(tmp_path), ["avx512_vnni"]).endswith("model.int8.onnx")
+    (tmp_path / "model.int8-w8.onnx").touch()  # an archive built with both widths
+    assert onnx_file("onnxruntime-int8", str(tmp_path), ["avx512_vnni"]).endswith("model.int8-w8.onnx")
+    assert onnx_file("onnxruntime-int8", str(tmp_path), ["avx2"]).endswith("model.int8.onnx")
+    assert onnx_file("onnxruntime", str(tmp_path), ["avx512_vnni"]).endswith("model.onnx")
+    assert onnx_file("eager", str(tmp_path)) is None
+
+
 @pytest.fixture(scope="module")
 def tiny_densenet(tmp_path_factory):
     """(fp32 ONNX path, images float32 [8, 3, 32, 32], fp32 logits): torchvision's DenseNet
@@ -83,11 +146,13 @@ def tiny_densenet(tmp_path_factory):
     return path, images, logits
 
 
-def _ort_session(path, optimized=None):
+def _ort_session(path, optimized=None, reference=False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    if reference:  # as onnx_predictions(reference=True): the QDQ graph unfused
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if optimized:
         options.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -4,6 +4,7 @@ import json
 import shutil
 import zipfile
 from collections import Counter
+from pathlib import Path
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +13,7 @@ import requests
 import torch
 import yaml
 
+from handler.backends import int8_weight_bits, onnx_file
 from training.digits import write_digits
 from training import archive, predict, train
 from training.models import build_model
@@ -149,9 +151,16 @@ def test_archive_has_config_and_labels_from_checkpoint(trained, tmp_path):
     assert selection["check_dir"].endswith("train") and selection["batch_size"] == 16
     assert selection["threads"] >= 1 and isinstance(selection["cpu_flags"], list)
     assert set(handler["gpu_backends"]) <= {"eager", "bf16"} and "eager" in handler["gpu_backends"]
-    onnx_files = {n for n in names if n.endswith(".onnx")}  # only the file the choice reads
-    assert onnx_files == ({"onnxruntime": {"model.onnx"}, "onnxruntime-int8": {"model.int8.onnx"}}
+    onnx_files = {n for n in names if n.endswith(".onnx")}  # only the files the choice reads
+    int8_files = {"model.int8.onnx"} | {"model.int8-w8.onnx" for bits, w in
+                                        selection["int8_weights"].items() if bits == 8 and w["kept"]}
+    assert onnx_files == ({"onnxruntime": {"model.onnx"}, "onnxruntime-int8": int8_files}
                           .get(chosen, set()))
+    # both int8 widths gated, each where its arithmetic is exact for this CPU
+    assert set(selection["int8_weights"]) == {7, 8}
+    assert selection["int8_weights"][7]["arithmetic"] == "native"
+    assert selection["int8_served_here"] == (
+        8 if int8_weight_bits() == 8 and selection["int8_weights"][8]["kept"] else 7)
 
 
 def test_int8_archive_records_its_gate(trained, tmp_path):
@@ -161,12 +170,20 @@ def test_int8_archive_records_its_gate(trained, tmp_path):
         "--export-path", str(tmp_path), "--backend", "onnxruntime-int8"]))
     with zipfile.ZipFile(mar) as z:
         cfg = yaml.safe_load(z.read("model-config.yaml"))
-        assert "model.int8.onnx" in z.namelist()
+        names = z.namelist()
     gate = cfg["handler"]["quantization"]
     assert cfg["handler"]["backend"] == "onnxruntime-int8"
     assert gate["calibration_dir"].endswith("train") and gate["calibration_images"] == 64
     assert gate["check_images"] == 400
     assert gate["fp32_accuracy"] - gate["int8_accuracy"] <= 1.0 and gate["top1_agreement"] > 90
+    # the 7-bit graph every CPU serves exactly, and the 8-bit one for VNNI CPUs where it passed
+    weights = gate["weights"]
+    assert "model.int8.onnx" in names and weights[7]["kept"]
+    assert ("model.int8-w8.onnx" in names) == weights[8]["kept"]
+    assert weights[8]["arithmetic"] == ("native" if int8_weight_bits() == 8 else "reference")
+    served = weights[gate["served_here"]]
+    assert (gate["int8_accuracy"], gate["top1_agreement"]) == (served["accuracy"],
+                                                               served["top1_agreement"])
 
 
 def test_auto_backend_keeps_fp32_when_the_gate_refuses_the_others(trained, tmp_path):
@@ -251,10 +268,11 @@ def test_served_int8_archive_answers_like_the_int8_model(trained, digits, tmp_pa
         "--checkpoint", str(out / "checkpoint_best.pt"), "--model-name", "digits8",
         "--export-path", str(store), "--batch-size", "8", "--num-threads", "1",
         "--backend", "onnxruntime-int8"]))
-    zipfile.ZipFile(mar).extract("model.int8.onnx", tmp_path)
+    zipfile.ZipFile(mar).extractall(tmp_path / "mar")
     _, classes, tf = predict.load_classifier(out / "checkpoint_best.pt", torch.device("cpu"))
     files = [p for p, _ in list_images(digits / "test")][::12]
-    expected = onnx_predictions(tmp_path / "model.int8.onnx",
+    # the int8 file a worker on this CPU reads (8-bit weights with VNNI)
+    expected = onnx_predictions(Path(onnx_file("onnxruntime-int8", str(tmp_path / "mar"))),
                                 torch.stack([tf.load(p.read_bytes()) for p in files]))
     with running_server(tmp_path / "ts", store, ["digits8=digits8.mar"]) as ts:
         url = f"{ts.url('inference')}/predictions/digits8"

@@ -7,9 +7,11 @@ The archive holds:
     and read with ``torch.load(weights_only=True)`` (plain tensors, no pickled code, no
     TorchScript, which current torch deprecates);
   * ``index_to_name.json``: the label map, from the checkpoint's class names;
-  * ``model.onnx`` (``--backend onnxruntime``) or ``model.int8.onnx`` (``--backend
-    onnxruntime-int8``): the ONNX Runtime graph (``training/export.py``), when the back-end
-    reads one;
+  * ``model.onnx`` (``--backend onnxruntime``) or, for ``--backend onnxruntime-int8``,
+    ``model.int8.onnx`` (7-bit weights, exact on every CPU) and ``model.int8-w8.onnx`` (8-bit,
+    for CPUs with VNNI; left out if it fails the gate): the ONNX Runtime graphs
+    (``training/export.py``), when the back-end reads one; each worker picks the int8 file for
+    its CPU (``handler.backends.onnx_file``);
   * ``model-config.yaml``: workers, batching, timeouts, device, and the handler settings
     (preprocessing from the checkpoint, default top-k, threads per worker, back-end);
   * the ``handler/`` package, whole (its ``*.py`` files, nothing else), and its entry module
@@ -25,7 +27,8 @@ among at load.
 
 An explicit ``--backend onnxruntime-int8`` applies the same gate and refuses to build when int8
 loses more than ``--max-accuracy-drop`` points (use ``--backend onnxruntime`` or ``eager`` for
-that model); the figures go into ``handler.quantization``.
+that model); the figures go into ``handler.quantization``. The 8-bit graph is gated in reference
+arithmetic on a CPU without VNNI (what a VNNI CPU computes; ``gate_int8_files``).
 """
 
 from __future__ import annotations
@@ -176,40 +179,41 @@ def labelled_images(checkpoint: dict, args) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def export_int8(checkpoint: dict, onnx_fp32: Path, dest: Path, args) -> dict:
-    """Quantizes ``onnx_fp32`` into ``dest`` and applies the accuracy gate.
+    """Quantizes ``onnx_fp32`` into both int8 graphs in folder ``dest`` (7- and 8-bit weights,
+    ``training/export.py`` ``quantize_int8_files``) and applies the accuracy gate to each.
 
     Returns:
-        The gate's figures (written to ``handler.quantization``): accuracies in percent.
+        The gate's figures (written to ``handler.quantization``): accuracies in percent;
+        ``int8_accuracy`` and ``top1_agreement`` are those of the graph this CPU serves,
+        ``weights`` has both.
 
     Raises:
         ValueError: too few images, class folders differing from the model's, or an int8
-            accuracy drop above ``--max-accuracy-drop``.
+            accuracy drop above ``--max-accuracy-drop`` for the 7-bit graph.
     """
-    from training.export import onnx_predictions, quantize_int8
+    from training.export import gate_int8_files, onnx_predictions, quantize_int8_files
 
     calibration, check, labels, root = labelled_images(checkpoint, args)
-    n_cal = len(calibration)
-    quantize_int8(onnx_fp32, dest, calibration)
-    fp32, int8 = onnx_predictions(onnx_fp32, check), onnx_predictions(dest, check)
-    gate = {"calibration_dir": str(root), "calibration_images": n_cal,
-            "check_images": len(labels),
-            "fp32_accuracy": round(100 * float((fp32 == labels).mean()), 2),
-            "int8_accuracy": round(100 * float((int8 == labels).mean()), 2),
-            "top1_agreement": round(100 * float((fp32 == int8).mean()), 2)}
-    logger.info("int8 gate: %s", gate)
-    if gate["fp32_accuracy"] - gate["int8_accuracy"] > args.max_accuracy_drop:
-        raise ValueError(f"int8 loses {gate['fp32_accuracy'] - gate['int8_accuracy']:.2f} points "
-                         f"of top-1 accuracy ({gate}); more than --max-accuracy-drop "
-                         f"{args.max_accuracy_drop}: use --backend onnxruntime or eager")
-    return gate
+    files = quantize_int8_files(onnx_fp32, dest, calibration)
+    try:
+        figures = gate_int8_files(files, check, labels, onnx_predictions(onnx_fp32, check),
+                                  args.max_accuracy_drop)
+    except ValueError as exc:
+        raise ValueError(f"{exc}: use --backend onnxruntime or eager") from exc
+    served = figures["weights"][figures["served_here"]]
+    return {"calibration_dir": str(root), "calibration_images": len(calibration),
+            "check_images": len(labels), "fp32_accuracy": figures["fp32_accuracy"],
+            "int8_accuracy": served["accuracy"], "top1_agreement": served["top1_agreement"],
+            "served_here": figures["served_here"], "weights": figures["weights"]}
 
 
 def export_files(checkpoint: dict, dest: Path, args) -> dict:
-    """Writes ``model.pt``, ``index_to_name.json``, ``model-config.yaml`` and the ONNX file the
-    back-end reads (if any) into ``dest``.
+    """Writes ``model.pt``, ``index_to_name.json``, ``model-config.yaml`` and the ONNX files the
+    back-end reads (if any: int8 has two, ``export_int8``) into ``dest``.
 
     Returns:
-        ``{"model", "labels", "config"[, "onnx"]}``: paths; ``"backend"``: the served back-end.
+        ``{"model", "labels", "config"}``: paths, ``"onnx"``: a list of paths (absent for a
+        torch back-end); ``"backend"``: the served back-end.
 
     Raises:
         KeyError: the checkpoint lacks a field training writes.
@@ -242,20 +246,20 @@ def export_files(checkpoint: dict, dest: Path, args) -> dict:
         config["handler"]["gpu_backends"] = selection.pop("gpu_backends")
         config["handler"]["backend_selection"] = selection
         if backend in ONNX_FILES:
-            files["onnx"] = dest / ONNX_FILES[backend]
+            files["onnx"] = sorted(p for p in dest.glob("*.onnx"))
     elif args.backend in ONNX_FILES:
         from training.export import export_onnx
 
         model = load_trained(checkpoint["arch"], checkpoint["num_classes"], checkpoint.get("head"),
                              checkpoint["model"], checkpoint.get("tta"))
         crop = checkpoint["preprocessing"]["crop_size"]
-        files["onnx"] = dest / ONNX_FILES[args.backend]
         if args.backend == "onnxruntime":
-            export_onnx(model, crop, files["onnx"])
+            files["onnx"] = [export_onnx(model, crop, dest / ONNX_FILES[args.backend])]
         else:
             fp32 = export_onnx(model, crop, dest / "fp32.onnx.tmp")
-            config["handler"]["quantization"] = export_int8(checkpoint, fp32, files["onnx"], args)
+            config["handler"]["quantization"] = export_int8(checkpoint, fp32, dest, args)
             fp32.unlink()
+            files["onnx"] = sorted(p for p in dest.glob("*.onnx"))
     check_handler_settings(config)
     with open(files["config"], "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
@@ -285,8 +289,7 @@ def main(args) -> Path:
         shutil.copytree(HANDLER_PACKAGE, code / HANDLER_PACKAGE.name,
                         ignore=lambda _, names: [n for n in names if not n.endswith(".py")])
         extra = [str(code), str(files["labels"])]
-        if "onnx" in files:
-            extra.append(str(files["onnx"]))
+        extra += [str(path) for path in files.get("onnx", [])]
         subprocess.run([sys.executable, "-m", "model_archiver.model_packaging",
                         "--model-name", args.model_name, "--version", args.version,
                         "--handler", str(HANDLER), "--serialized-file", str(files["model"]),

@@ -24,8 +24,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from handler.backends import (ONNX_FILES, TORCH_BACKENDS, fastest, make_runner,
-                              measure_throughput)
+from handler.backends import (INT8_W8_FILE, ONNX_FILES, TORCH_BACKENDS, cpu_flags,
+                              fastest, make_runner, measure_throughput, onnx_file)
 
 logger = logging.getLogger(__name__)
 
@@ -36,23 +36,6 @@ AUTO_CANDIDATES = ("eager", "bf16", "onnxruntime", "onnxruntime-int8")
 # avx512_bf16, no AMX) ran Lite0 at 160 px at 2.2 images/s against eager's 54.9: its gate on
 # 386 photos alone took 3 minutes of the archive step.
 MIN_SPEED_OF_EAGER = 0.25
-# /proc/cpuinfo flags that decide which back-end is fast.
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def cpu_flags() -> list[str]:
-    """The ``CPU_FLAGS`` this machine has (from ``/proc/cpuinfo``; [] where it is unreadable)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [flag for flag in CPU_FLAGS if flag in have]
-    except OSError:
-        pass
-    return []
-
-
 def predictions(run, images: torch.Tensor, batch_size: int = 32) -> np.ndarray:
     """Top-1 class index per image, int64 [N], from a ``make_runner`` function."""
     out = []
@@ -72,7 +55,9 @@ def choose_backend(model: torch.nn.Module, crop_size: int, dest: Path, *,
     Args:
         model: the trained fp32 model, eval mode, CPU (not modified).
         crop_size: the model's input side, px.
-        dest: folder for ``model.onnx`` / ``model.int8.onnx``.
+        dest: folder for ``model.onnx`` and the int8 graphs (``model.int8.onnx``, 7-bit weights;
+            ``model.int8-w8.onnx``, 8-bit: both gated, ``training/export.py``
+            ``gate_int8_files``; timed and gated here: the one this CPU serves).
         labelled: (calibration images float32 [M, 3, H, W], check images float32 [N, 3, H, W],
             check labels int64 [N]); None when no labelled photos are at hand: then only the
             fp32 back-ends (eager, onnxruntime), which need no gate, are candidates.
@@ -85,9 +70,11 @@ def choose_backend(model: torch.nn.Module, crop_size: int, dest: Path, *,
         ``{"backend", "reason", "cpu_flags", "threads", "batch_size", "images_per_s": {name:
         images/s} (the survivors), "accuracy": {name: top-1 %} (the gated, with labelled
         photos), "rejected": {name: why}, "gpu_backends": [torch back-ends that passed the
-        gate]}``.
+        gate]}``, and with int8 gated ``"int8_weights"`` (``gate_int8_files``'s ``weights``) and
+        ``"int8_served_here"`` (weight bits).
     """
-    from training.export import export_onnx, quantize_int8
+    from training.export import (export_onnx, gate_int8_files, onnx_predictions,
+                                 quantize_int8_files)
 
     if labelled is None:
         candidates = tuple(c for c in candidates if c in ("eager", "onnxruntime"))
@@ -96,20 +83,28 @@ def choose_backend(model: torch.nn.Module, crop_size: int, dest: Path, *,
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        runners = {}
+        runners, rejected, int8_gate = {}, {}, None
         onnx_fp32 = None
         if any(c in ONNX_FILES for c in candidates):
             onnx_fp32 = export_onnx(copy.deepcopy(model), crop_size, dest / ONNX_FILES["onnxruntime"])
         for name in candidates:
             if name == "onnxruntime-int8":
-                quantize_int8(onnx_fp32, dest / ONNX_FILES[name], labelled[0])
-            path = str(dest / ONNX_FILES[name]) if name in ONNX_FILES else None
+                # both weight widths, each gated; the runner reads the one this CPU serves
+                files = quantize_int8_files(onnx_fp32, dest, labelled[0])
+                try:
+                    int8_gate = gate_int8_files(files, labelled[1], labelled[2],
+                                                onnx_predictions(onnx_fp32, labelled[1]),
+                                                max_accuracy_drop)
+                except ValueError as exc:
+                    rejected[name] = str(exc)
+                    continue
+            path = onnx_file(name, str(dest))
             # bf16 casts the module it is given: each torch back-end gets its own copy
             module = copy.deepcopy(model) if name not in ONNX_FILES else None
             example = torch.zeros(batch_size, 3, crop_size, crop_size)
             runners[name] = make_runner(name, module, onnx_path=path, num_threads=threads,
                                         example=example)
-        accuracy, rejected = {}, {}
+        accuracy = {}
         example = (labelled[1][:batch_size] if labelled is not None else
                    torch.randn(batch_size, 3, crop_size, crop_size))
         example = example.contiguous()  # as the handler passes batches: NCHW
@@ -154,10 +149,15 @@ def choose_backend(model: torch.nn.Module, crop_size: int, dest: Path, *,
                  "rejected": rejected,
                  "gpu_backends": [n for n in TORCH_BACKENDS if n in runners and n not in rejected]
                  or ["eager"]}
+    if int8_gate is not None:  # the int8 graphs' own gate: weight widths, arithmetic, kept
+        selection["int8_weights"] = int8_gate["weights"]
+        selection["int8_served_here"] = int8_gate["served_here"]
     logger.info("backend auto: %s (%s)", chosen, reason)
     for name, why in rejected.items():
         logger.info("backend auto: %s rejected: %s", name, why)
-    for name, file in ONNX_FILES.items():  # keep only the file the chosen back-end reads
-        if name != chosen and (dest / file).exists():
+    files = dict(ONNX_FILES, w8=INT8_W8_FILE)
+    for name, file in files.items():  # keep only the files the chosen back-end reads
+        owner = "onnxruntime-int8" if name == "w8" else name
+        if owner != chosen and (dest / file).exists():
             (dest / file).unlink()
     return selection
