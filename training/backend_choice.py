@@ -36,6 +36,8 @@ AUTO_CANDIDATES = ("eager", "bf16", "onnxruntime", "onnxruntime-int8")
 # avx512_bf16, no AMX) ran Lite0 at 160 px at 2.2 images/s against eager's 54.9: its gate on
 # 386 photos alone took 3 minutes of the archive step.
 MIN_SPEED_OF_EAGER = 0.25
+
+
 def predictions(run, images: torch.Tensor, batch_size: int = 32) -> np.ndarray:
     """Top-1 class index per image, int64 [N], from a ``make_runner`` function."""
     out = []
@@ -155,9 +157,10 @@ def choose_backend(model: torch.nn.Module, crop_size: int, dest: Path, *,
     logger.info("backend auto: %s (%s)", chosen, reason)
     for name, why in rejected.items():
         logger.info("backend auto: %s rejected: %s", name, why)
-    files = dict(ONNX_FILES, w8=INT8_W8_FILE)
-    for name, file in files.items():  # keep only the files the chosen back-end reads
-        owner = "onnxruntime-int8" if name == "w8" else name
-        if owner != chosen and (dest / file).exists():
-            (dest / file).unlink()
+    reads = {name: [file] for name, file in ONNX_FILES.items()}
+    reads["onnxruntime-int8"].append(INT8_W8_FILE)
+    for name, files in reads.items():  # keep only the files the chosen back-end reads
+        if name != chosen:
+            for file in files:
+                (dest / file).unlink(missing_ok=True)
     return selection
