@@ -186,6 +186,25 @@ def test_int8_archive_records_its_gate(trained, tmp_path):
                                                                served["top1_agreement"])
 
 
+def test_int8_archive_built_without_vnni_gates_the_8bit_graph_by_reference(
+        trained, tmp_path, monkeypatch):
+    """On a CPU without VNNI (simulated: its flags), the 8-bit graph cannot run exactly: it is
+    gated in reference arithmetic and shipped for VNNI workers; this CPU serves the 7-bit one."""
+    import handler.backends as backends
+    monkeypatch.setattr(backends, "cpu_flags", lambda: ["avx2"])
+    out, _ = trained
+    mar = archive.main(archive.get_args_parser().parse_args([
+        "--checkpoint", str(out / "checkpoint_best.pt"), "--model-name", "digits",
+        "--export-path", str(tmp_path), "--backend", "onnxruntime-int8"]))
+    with zipfile.ZipFile(mar) as z:
+        gate = yaml.safe_load(z.read("model-config.yaml"))["handler"]["quantization"]
+        names = z.namelist()
+    weights = gate["weights"]
+    assert gate["served_here"] == 7 and gate["int8_accuracy"] == weights[7]["accuracy"]
+    assert weights[7]["arithmetic"] == "native" and weights[8]["arithmetic"] == "reference"
+    assert ("model.int8-w8.onnx" in names) == weights[8]["kept"] and "model.int8.onnx" in names
+
+
 def test_auto_backend_keeps_fp32_when_the_gate_refuses_the_others(trained, tmp_path):
     out, _ = trained
     mar = archive.main(archive.get_args_parser().parse_args([
