@@ -3,8 +3,8 @@
 The model archive holds this file at its top level (TorchServe's worker imports it as
 ``classifier_handler``), the ``handler/`` package it imports from, ``index_to_name.json``,
 ``model-config.yaml``, ``model.pt`` and, for the ONNX Runtime back-ends, ``model.onnx`` /
-``model.int8.onnx`` + ``model.int8-w8.onnx``. TorchServe puts the unpacked archive on the worker's ``PYTHONPATH``, so
-``handler.*`` resolves to the archive's own copy.
+``model.int8.onnx`` + ``model.int8-w8.onnx``. TorchServe puts the unpacked archive on the
+worker's ``PYTHONPATH``, so ``handler.*`` resolves to the archive's own copy.
 
 Request forms (``handler/payload.py``; TorchServe's dynamic batching groups requests, and a
 request may carry several images):

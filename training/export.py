@@ -262,7 +262,17 @@ def quantize_int8(fp32_path: Path, path: Path, calibration: torch.Tensor,
 
     Returns:
         ``path``.
+
+    Raises:
+        ValueError: ``weight_bits`` other than 7 or 8.
     """
+    return _quantize_int8_widths(fp32_path, {weight_bits: path}, calibration)[weight_bits]
+
+
+def _quantize_int8_widths(fp32_path: Path, paths: dict[int, Path],
+                          calibration: torch.Tensor) -> dict[int, Path]:
+    """``quantize_int8`` into ``paths`` ({weight bits: path}), the graph prepared and its concat
+    ranges calibrated once for all widths. Returns ``paths``."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
@@ -276,8 +286,8 @@ def quantize_int8(fp32_path: Path, path: Path, calibration: torch.Tensor,
             batch = next(self.batches, None)
             return None if batch is None else {"images": batch}
 
-    if weight_bits not in (7, 8):
-        raise ValueError(f"weight_bits must be 7 or 8, not {weight_bits}")
+    if set(paths) - {7, 8}:
+        raise ValueError(f"weight_bits must be 7 or 8, not {sorted(set(paths) - {7, 8})}")
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))  # shape inference + graph folding
@@ -285,13 +295,14 @@ def quantize_int8(fp32_path: Path, path: Path, calibration: torch.Tensor,
         logger.info("int8: %d batch norms as depthwise convs", batchnorm_as_depthwise_conv(model))
         onnx.save(model, str(prepared))
         overrides = shared_concat_ranges(prepared, Reader(), Path(tmp))
-        with _root_logger_at_least(logging.WARNING):
-            quantize_static(str(prepared), str(path), Reader(), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            per_channel=True, reduce_range=weight_bits == 7,
-                            nodes_to_exclude=classifier_layers(model),
-                            extra_options={"TensorQuantOverrides": overrides})
-    return path
+        for bits, path in paths.items():
+            with _root_logger_at_least(logging.WARNING):
+                quantize_static(str(prepared), str(path), Reader(), quant_format=QuantFormat.QDQ,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                per_channel=True, reduce_range=bits == 7,
+                                nodes_to_exclude=classifier_layers(model),
+                                extra_options={"TensorQuantOverrides": overrides})
+    return paths
 
 
 def classifier_layers(model) -> list[str]:
@@ -333,10 +344,10 @@ INT8_FILES = {7: ONNX_FILES["onnxruntime-int8"], 8: INT8_W8_FILE}
 
 def quantize_int8_files(fp32_path: Path, dest: Path, calibration: torch.Tensor) -> dict[int, Path]:
     """Both int8 graphs of ``fp32_path`` in folder ``dest``: ``{7: model.int8.onnx, 8:
-    model.int8-w8.onnx}`` (``quantize_int8`` with the same calibration, about 4 s each for
-    Lite0 at 160 px)."""
-    return {bits: quantize_int8(fp32_path, dest / name, calibration, bits)
-            for bits, name in INT8_FILES.items()}
+    model.int8-w8.onnx}`` (``quantize_int8`` with the same calibration and one graph
+    preparation)."""
+    return _quantize_int8_widths(fp32_path, {bits: dest / name for bits, name in INT8_FILES.items()},
+                                 calibration)
 
 
 def gate_int8_files(files: dict[int, Path], check: torch.Tensor, labels: np.ndarray,
