@@ -17,7 +17,7 @@ TRANSFER := --arch tf_efficientnet_lite0 --weights package --head-from-features 
 ifeq ($(strip $(DATA)),)
 # Offline default: sklearn's handwritten digits as an ImageFolder (8x8 scans upscaled to 32 px).
 ifeq ($(strip $(SCRATCH)),)
-TRAIN_ARGS ?= $(TRANSFER) --image-size 96 --epochs 6 --train-last 7 --lr 2e-4 --min-crop-scale 0.8 \
+TRAIN_ARGS ?= $(TRANSFER) --image-size 96 --epochs 6 --train-last 7 --lr 4e-4 --min-crop-scale 0.8 \
   --no-feature-flips --hflip-prob 0
 else
 TRAIN_ARGS ?= --image-size 32 --epochs 6 --batch-size 64 --lr 2e-3 --weight-decay 0.05 --label-smoothing 0.1

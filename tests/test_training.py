@@ -461,3 +461,30 @@ def test_training_epoch_with_mixing_takes_soft_targets():
     # the loss got class probabilities, not the int64 labels
     assert len(seen) == 2 and all(t.dtype == torch.float32 and t.shape == (8, 3) for t in seen)
     assert all(torch.allclose(t.sum(1), torch.ones(8)) for t in seen)
+
+
+def test_learning_rate_warms_up_and_decays_every_batch():
+    from argparse import Namespace
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten())
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    args = Namespace(epochs=3, lr_warmup_epochs=1, lr_scheduler="cosine", lr_step_size=10,
+                     lr_gamma=0.1)
+    sched = train.make_scheduler(args, opt, steps_per_epoch=4)
+    loader = DataLoader(TensorDataset(torch.randn(16, 3, 2, 2), torch.arange(16) % 3), batch_size=4)
+    lrs = []
+    for _ in range(3):  # the loop the trainer runs: the scheduler steps inside the epoch
+        lrs.append(opt.param_groups[0]["lr"])
+        train.train_one_epoch(model, loader, torch.nn.functional.cross_entropy, opt,
+                              torch.device("cpu"), "t", scheduler=sched)
+    # every step of the 12 moved the rate: warm-up 0.02 -> 0.2 over epoch 1, then cosine to 0
+    assert lrs[0] == pytest.approx(0.02) and lrs[1] == pytest.approx(0.2)
+    assert 0.05 < lrs[2] < 0.15  # half way down the cosine, not held for the whole epoch
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    factors = [train.lr_factor(s, steps_per_epoch=4, epochs=3, warmup_epochs=1) for s in range(13)]
+    assert factors[:5] == pytest.approx([0.1, 0.325, 0.55, 0.775, 1.0])
+    assert all(a > b for a, b in zip(factors[4:], factors[5:]))
+    assert [train.lr_factor(s, steps_per_epoch=2, epochs=6, schedule="step", step_size=2,
+                            gamma=0.5) for s in (0, 3, 4, 11)] == [1.0, 1.0, 0.5, 0.25]

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -176,8 +178,8 @@ def batch_mixing(mixup_alpha: float, cutmix_alpha: float, num_classes: int):
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer,
                     device: torch.device, desc: str, *, freeze_bn_stats: bool = False,
-                    mix=None) -> dict:
-    """One pass over ``loader``. Returns ``{"loss", "accuracy"}`` (means over images; with
+                    mix=None, scheduler=None) -> dict:
+    """One pass over ``loader``; ``scheduler`` (``make_scheduler``) steps after every batch. Returns ``{"loss", "accuracy"}`` (means over images; with
     ``mix`` (``batch_mixing``) the accuracy counts the unmixed label).
 
     Batch norms of frozen stages always keep their statistics; with ``freeze_bn_stats`` all
@@ -199,6 +201,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total_loss += loss.item() * len(targets)
         correct += (logits.argmax(1) == targets).sum().item()
         seen += len(targets)
@@ -264,21 +268,37 @@ def make_optimizer(args, params):
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
 
-def make_scheduler(args, optimizer):
-    """Per-epoch LR schedule: optional linear warm-up, then cosine or step decay."""
-    main_epochs = max(1, args.epochs - args.lr_warmup_epochs)
-    if args.lr_scheduler == "cosine":
-        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_epochs)
-    elif args.lr_scheduler == "step":
-        main = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_step_size, args.lr_gamma)
-    else:
-        main = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-    if args.lr_warmup_epochs <= 0:
-        return main
-    warm = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1,
-                                             total_iters=args.lr_warmup_epochs)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, main],
-                                                 milestones=[args.lr_warmup_epochs])
+def lr_factor(step: int, *, steps_per_epoch: int, epochs: int, warmup_epochs: int = 0,
+              schedule: str = "cosine", step_size: int = 10, gamma: float = 0.1) -> float:
+    """The learning-rate multiplier of optimizer step ``step`` (0-based), updated every batch.
+
+    Linear warm-up from 0.1 to 1 over the first ``warmup_epochs * steps_per_epoch`` steps, then
+    ``cosine`` (half a cosine from 1 to 0 at the last step; Loshchilov & Hutter, 2017, without
+    restarts), ``step`` (``gamma ** (epoch // step_size)``, epochs counted after the warm-up) or
+    ``none`` (1). Per batch rather than per epoch: with 6 epochs, a per-epoch warm-up holds
+    epoch 1 at a tenth of the rate and then jumps to the peak (train accuracy fell from 0.93 to
+    0.90 in epoch 2 of the intel-scenes demo), and a per-epoch cosine never goes below 0.1 of it.
+
+    Returns:
+        float in (0, 1]; 0 only at the cosine's end.
+    """
+    warm = warmup_epochs * steps_per_epoch
+    if step < warm:
+        return 0.1 + 0.9 * step / warm
+    if schedule == "cosine":
+        main = max(1, epochs * steps_per_epoch - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / main)))
+    if schedule == "step":
+        return gamma ** ((step - warm) // (step_size * steps_per_epoch))
+    return 1.0
+
+
+def make_scheduler(args, optimizer, steps_per_epoch: int):
+    """``LambdaLR`` over ``lr_factor``; call its ``step()`` after every optimizer step."""
+    factor = functools.partial(lr_factor, steps_per_epoch=steps_per_epoch, epochs=args.epochs,
+                               warmup_epochs=args.lr_warmup_epochs, schedule=args.lr_scheduler,
+                               step_size=args.lr_step_size, gamma=args.lr_gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -449,7 +469,7 @@ def main(args) -> dict:
                   {"params": [p for p in trainable if id(p) not in head_ids],
                    "lr": args.lr * args.backbone_lr_scale}]
         optimizer = make_optimizer(args, [g for g in groups if g["params"]])
-        scheduler = make_scheduler(args, optimizer)
+        scheduler = make_scheduler(args, optimizer, len(train_loader))
         mix = batch_mixing(args.mixup_alpha, args.cutmix_alpha, len(classes))
         scored = {}  # fine-tuning changes the model: score it again below
     for epoch in range(1, args.epochs + 1):
@@ -459,8 +479,7 @@ def main(args) -> dict:
             sampler.set_epoch(epoch)
         tr = train_one_epoch(train_model, train_loader, criterion, optimizer, device,
                              f"epoch {epoch}/{args.epochs}", freeze_bn_stats=args.freeze_bn_stats,
-                             mix=mix)
-        scheduler.step()
+                             mix=mix, scheduler=scheduler)
         steps += len(train_loader)
         if not lead:
             if _stop_from_rank0(False):
