@@ -109,3 +109,26 @@ def test_parallel_limit_runs_one_runner_per_process_and_sums_them(tmp_path):
     with pytest.raises(RuntimeError, match="limit process failed"):  # no model.onnx there
         parallel_limit("onnxruntime", checkpoint, tmp_path, 1, batch, 0.3, workers=2,
                        retain_heap_mb=0)
+
+
+def test_idle_gap_bench_times_the_archive_graph_in_every_setting(tmp_path):
+    import zipfile
+
+    import torch
+
+    from scripts import bench_idle
+    onnx = tmp_path / "model.onnx"
+    torch.onnx.export(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()).eval(),
+                      torch.randn(1, 3, 8, 8), onnx, input_names=["input"],
+                      dynamic_axes={"input": {0: "batch"}}, dynamo=False)
+    mar = tmp_path / "m.mar"
+    with zipfile.ZipFile(mar, "w") as z:
+        z.write(onnx, "model.onnx")
+    rows = bench_idle.main([str(mar), "--backend", "onnxruntime", "--crop-size", "8", "--runs", "2",
+                            "--gaps-ms", "0", "1", "--spin-us", "50"])
+    assert [r["setting"] for r in rows] == ["1 thread", "2 threads, no spinning",
+                                            "2 threads, default spinning", "2 threads, spin <= 50 us"]
+    for r in rows:
+        assert r["file"] == "model.onnx" and set(r["gap_ms"]) == {0, 1}
+        assert all(ms > 0 and cpu > 0 for ms, cpu in r["gap_ms"].values())
+        assert r["batch8_images_per_s"] > 0
