@@ -262,7 +262,14 @@ def retain_heap(megabytes: int) -> bool:
         return False
 
 
-def _onnxruntime_runner(path: str, device: torch.device, num_threads: int) -> Runner:
+def onnxruntime_session_options(num_threads: int, spin_us: Optional[int] = 0):
+    """The workers' ``onnxruntime.SessionOptions``: ``num_threads`` intra-op threads (0: ONNX
+    Runtime's default), one inter-op thread, every graph optimization, and no busy-waiting.
+
+    ``spin_us`` is for measurements (``scripts/bench_idle.py``): 0 (the workers') sets
+    ``session.intra_op.allow_spinning`` 0; None leaves ONNX Runtime's default spinning; N > 0
+    spins at most N microseconds (``session.intra_op.spin_duration_us``, ONNX Runtime >= 1.17).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -274,8 +281,20 @@ def _onnxruntime_runner(path: str, device: torch.device, num_threads: int) -> Ru
     # benchmark runs): with ONNX Runtime's default spinning the served peak was 118.0 and 117.6
     # images/s against 137.8 and 162.1 without, although a lone batch-1 forward (160 px) after 20
     # ms idle took 4.3-4.6 ms against 7.0 (the threads were still spinning, a core's worth of
-    # CPU). Spinning only within a run (session.force_spinning_stop) lost that gain too (8.3-9.0).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # CPU). Spinning only within a run (session.force_spinning_stop) lost that gain too (8.3-9.0),
+    # and a spin bounded to 50 us served no better (docs/performance.md).
+    if spin_us == 0:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif spin_us is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        options.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
+    return options
+
+
+def _onnxruntime_runner(path: str, device: torch.device, num_threads: int) -> Runner:
+    import onnxruntime as ort
+
+    options = onnxruntime_session_options(num_threads)
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda":
         if "CUDAExecutionProvider" in ort.get_available_providers():

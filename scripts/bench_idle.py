@@ -26,20 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from handler.backends import onnx_file
+from handler.backends import onnx_file, onnxruntime_session_options
 
 
-def session(path: str, threads: int, spin: bool, spin_us: int | None = None):
-    """An ONNX Runtime CPU session as the worker builds one, with the spinning setting given."""
+def session(path: str, threads: int, spin_us: int | None):
+    """An ONNX Runtime CPU session with the workers' options
+    (``handler.backends.onnxruntime_session_options``) but for the spinning setting."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    if spin_us is not None:
-        options.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, onnxruntime_session_options(threads, spin_us),
+                                providers=["CPUExecutionProvider"])
 
 
 def measure(sess, crop: int, runs: int, gaps_ms: list[float]) -> dict:
@@ -82,13 +78,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with zipfile.ZipFile(args.archive) as z:
             z.extractall(tmp)
         path = onnx_file(args.backend, tmp)
-        settings = [("1 thread", 1, False, None), ("2 threads, no spinning", 2, False, None),
-                    ("2 threads, default spinning", 2, True, None)]
-        settings += [(f"2 threads, spin <= {us} us", 2, True, us) for us in args.spin_us]
+        settings = [("1 thread", 1, 0), ("2 threads, no spinning", 2, 0),
+                    ("2 threads, default spinning", 2, None)]
+        settings += [(f"2 threads, spin <= {us} us", 2, us) for us in args.spin_us if us > 0]
         print(f"{Path(path).name}, batch 1 at {args.crop_size} px: median ms (CPU s per busy s) "
               f"after each idle gap; batch 8 images/s back to back")
-        for label, threads, spin, us in settings:
-            r = measure(session(path, threads, spin, us), args.crop_size, args.runs, args.gaps_ms)
+        for label, threads, spin_us in settings:
+            r = measure(session(path, threads, spin_us), args.crop_size, args.runs, args.gaps_ms)
             rows.append({"setting": label, "file": Path(path).name, **r})
             gaps = ", ".join(f"{g:g} ms idle: {ms:.2f} ({cpu:.2f})" for g, (ms, cpu) in r["gap_ms"].items())
             print(f"{label:30s} {gaps}; batch 8: {r['batch8_images_per_s']:.0f} images/s")

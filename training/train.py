@@ -179,8 +179,9 @@ def batch_mixing(mixup_alpha: float, cutmix_alpha: float, num_classes: int):
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer,
                     device: torch.device, desc: str, *, freeze_bn_stats: bool = False,
                     mix=None, scheduler=None) -> dict:
-    """One pass over ``loader``; ``scheduler`` (``make_scheduler``) steps after every batch. Returns ``{"loss", "accuracy"}`` (means over images; with
-    ``mix`` (``batch_mixing``) the accuracy counts the unmixed label).
+    """One pass over ``loader``; ``scheduler`` (``make_scheduler``) steps after every batch.
+    Returns ``{"loss", "accuracy"}`` (means over images; with ``mix`` (``batch_mixing``) the
+    accuracy counts the unmixed label).
 
     Batch norms of frozen stages always keep their statistics; with ``freeze_bn_stats`` all
     of them do (``models.freeze_batchnorm_stats``).
@@ -280,7 +281,7 @@ def lr_factor(step: int, *, steps_per_epoch: int, epochs: int, warmup_epochs: in
     0.90 in epoch 2 of the intel-scenes demo), and a per-epoch cosine never goes below 0.1 of it.
 
     Returns:
-        float in (0, 1]; 0 only at the cosine's end.
+        float in [0, 1]; 0 only at the cosine's last step.
     """
     warm = warmup_epochs * steps_per_epoch
     if step < warm:
