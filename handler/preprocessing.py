@@ -184,11 +184,10 @@ def decode_image(data: bytes, *, draft_size: Optional[int] = None,
             scale (1/2, 1/4, 1/8) as long as both sides stay >= ``draft_size`` px. Pass
             the eval transform's resize size: large photos then decode several times
             faster, and every path that shares this function sees the same pixels.
+        budget: the decode budget a JPEG is held to before its pixels are decoded.
 
     Returns:
         A PIL image in mode ``RGB``.
-
-        budget: the decode budget a JPEG is held to before its pixels are decoded.
 
     Raises:
         DecodeError: empty input, unknown or unsupported format, corrupt or truncated data.

@@ -1,10 +1,12 @@
 """Dynamic batching in a real TorchServe with our frontend agent (scripts/ts_patches/).
 
 IdleDispatch: a request that reaches an idle model goes to the worker at once instead of
-waiting ``maxBatchDelay`` for company; under concurrent load batches still form. The archive
-uses a long maxBatchDelay (1.5 s) so that the two behaviours are told apart by a wide margin,
-not by tight timings: upstream TorchServe (``TS_IDLE_DISPATCH=0``) holds every lone request for
-the whole delay.
+waiting ``maxBatchDelay`` for company (rule 1), and a batch whose clients (the connections of
+the last batch) are all back goes without waiting out the rest of the delay (rule 2); under
+concurrent load batches still form. The archive uses a long maxBatchDelay (1.5 s) and batchSize
+8 so that the behaviours are told apart by a wide margin, not by tight timings: upstream
+TorchServe (``TS_IDLE_DISPATCH=0``) holds every lone request for the whole delay, and with rule 1
+alone (``TS_IDLE_DISPATCH=idle``) a batch of three clients waits it too.
 """
 
 import re
@@ -29,16 +31,22 @@ def store(tmp_path_factory, three_class_checkpoint):
     return store
 
 
-def lone_request_seconds(ts, body: bytes, n: int = 4) -> list[float]:
-    """Latency of ``n`` requests sent one after another (each finds the model idle)."""
-    url, auth = f"{ts.url('inference')}/predictions/{MODEL}", ts.headers("inference")
+def timed_puts(put, url: str, body: bytes, auth: dict, n: int) -> list[float]:
+    """Latency of ``n`` requests sent one after another with ``put`` (``requests.put``: a new
+    connection each; ``Session.put``: one keep-alive connection)."""
     out = []
     for _ in range(n):
         start = time.perf_counter()
-        r = requests.put(url, data=body, headers=auth, timeout=60)
+        r = put(url, data=body, headers=auth, timeout=60)
         out.append(time.perf_counter() - start)
         assert r.status_code == 200, r.text
     return out
+
+
+def lone_request_seconds(ts, body: bytes, n: int = 4) -> list[float]:
+    """Latency of ``n`` requests sent one after another (each finds the model idle)."""
+    url, auth = f"{ts.url('inference')}/predictions/{MODEL}", ts.headers("inference")
+    return timed_puts(requests.put, url, body, auth, n)
 
 
 def batch_size_sum_and_count(ts) -> tuple[float, float]:
@@ -78,3 +86,42 @@ def test_switched_off_lone_requests_wait_for_the_delay_as_upstream(tmp_path, sto
                         env={"TS_IDLE_DISPATCH": "0"}) as ts:
         lone = lone_request_seconds(ts, jpeg_bytes, n=2)
         assert min(lone) >= DELAY_MS / 1000, lone
+
+
+def closed_loop_seconds(ts, body: bytes, clients: int = 3, rounds: int = 4) -> list[list[float]]:
+    """``clients`` keep-alive clients (one ``requests.Session`` each, started together), each
+    sending its next request when it has the answer to the last; per client, the latencies."""
+    url, auth = f"{ts.url('inference')}/predictions/{MODEL}", ts.headers("inference")
+
+    def client(_):
+        with requests.Session() as session:
+            return timed_puts(session.put, url, body, auth, rounds)
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(client, range(clients)))
+
+
+def test_a_batch_goes_when_its_clients_are_in(tmp_path, store, jpeg_bytes):
+    # Three clients in a closed loop and batchSize 8: upstream waits the whole 1.5 s for a
+    # batch that cannot fill; the cohort rule sends it once the three are back.
+    with running_server(tmp_path, store, [f"{MODEL}={MODEL}.mar"]) as ts:
+        lone_request_seconds(ts, jpeg_bytes, n=1)  # warm-up
+        images_before, batches_before = batch_size_sum_and_count(ts)
+        latencies = closed_loop_seconds(ts, jpeg_bytes)
+        images, batches = batch_size_sum_and_count(ts)
+        images, batches = images - images_before, batches - batches_before
+    later = [s for per_client in latencies for s in per_client[1:]]
+    assert max(later) < DELAY_MS / 1000 / 2, latencies
+    assert images == 12 and images / batches >= 2, (images, batches)  # still batched
+
+
+def test_with_the_idle_rule_alone_a_batch_that_cannot_fill_waits_the_delay(
+        tmp_path, store, jpeg_bytes):
+    with running_server(tmp_path, store, [f"{MODEL}={MODEL}.mar"],
+                        env={"TS_IDLE_DISPATCH": "idle"}) as ts:
+        lone = lone_request_seconds(ts, jpeg_bytes, n=2)
+        assert max(lone[1:]) < DELAY_MS / 1000 / 2, lone  # rule 1 still holds
+        latencies = closed_loop_seconds(ts, jpeg_bytes, rounds=3)
+    later = sorted(s for per_client in latencies for s in per_client[1:])
+    # the batches of two or three clients wait out maxBatchDelay (rule 1 lets a batch go at
+    # once only after a batch of one)
+    assert later[len(later) // 2] >= DELAY_MS / 1000, latencies

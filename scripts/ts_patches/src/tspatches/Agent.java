@@ -9,9 +9,10 @@
  *    an archive name in the model store ("Model file already exists", 0.12's 500) 400 Bad Request
  *    (NettyUtils.sendError -> Agent.sendError, there and in ManagementRequestHandler.sendResponse,
  *    which answers registration failures).
- * 3. Model.pollBatch: a request arriving at an idle model is dispatched without waiting
- *    maxBatchDelay for company (IdleDispatch; the read of the maxBatchDelay field ->
- *    IdleDispatch.maxBatchDelay(this)).
+ * 3. Model.pollBatch: a batch goes without waiting out maxBatchDelay when the model was idle or
+ *    when the clients expected for it are in (IdleDispatch; the read of the maxBatchDelay field
+ *    -> IdleDispatch.maxBatchDelay(this), queue.poll(timeout, unit) ->
+ *    IdleDispatch.poll(queue, timeout, unit, this, jobsRepo)).
  * 4. ServerInitializer.initChannel: every connection gets a cap, an idle timeout, responses in
  *    request order and a registration check (Connections.configure, see Connections.java).
  * 5. NettyUtils.sendHttpResponse: a 4xx answer keeps the connection alive (0.12 closed it on
@@ -44,6 +45,8 @@ public final class Agent implements ClassFileTransformer {
     static final String DRAIN = "org/pytorch/serve/wlm/GracefulScaleDown";
     static final String IDLE = "org/pytorch/serve/wlm/IdleDispatch";
     static final String AGGREGATOR = "org/pytorch/serve/wlm/BatchAggregator";
+    static final String DEQUE = "java/util/concurrent/LinkedBlockingDeque";
+    static final String TIMED_POLL_DESC = "(JLjava/util/concurrent/TimeUnit;)Ljava/lang/Object;";
     static final String GET_REQUEST_DESC =
             "(Ljava/lang/String;Lorg/pytorch/serve/wlm/WorkerState;)"
                     + "Lorg/pytorch/serve/util/messages/BaseModelRequest;";
@@ -147,6 +150,22 @@ public final class Agent implements ClassFileTransformer {
                                         }
                                         super.visitFieldInsn(op, owner, f, d);
                                     }
+
+                                    @Override
+                                    public void visitMethodInsn(int op, String owner, String m, String d, boolean itf) {
+                                        if (op == Opcodes.INVOKEVIRTUAL && owner.equals(DEQUE)
+                                                && m.equals("poll") && d.equals(TIMED_POLL_DESC)) {
+                                            // deque, timeout, unit -> + this, jobsRepo (parameter slot 4)
+                                            super.visitVarInsn(Opcodes.ALOAD, 0);
+                                            super.visitVarInsn(Opcodes.ALOAD, 4);
+                                            super.visitMethodInsn(Opcodes.INVOKESTATIC, IDLE, "poll",
+                                                    "(L" + DEQUE + ";JLjava/util/concurrent/TimeUnit;L"
+                                                            + MODEL + ";Ljava/util/Map;)Ljava/lang/Object;", false);
+                                            patched[0]++;
+                                            return;
+                                        }
+                                        super.visitMethodInsn(op, owner, m, d, itf);
+                                    }
                                 };
                             }
                             if (INITIALIZER.equals(name) && method.equals("initChannel")
@@ -232,7 +251,8 @@ public final class Agent implements ClassFileTransformer {
                         }
                     },
                     0);
-            int expected = WORKER.equals(name) ? 2 : 1;
+            // Model.pollBatch: the delay read and its three timed polls
+            int expected = WORKER.equals(name) ? 2 : MODEL.equals(name) ? 4 : 1;
             if (patched[0] < expected) {
                 System.err.println("ts-patches: " + name + " did not match (TorchServe version?); "
                         + "left unpatched");

@@ -44,7 +44,7 @@ public final class GracefulScaleDown {
 
     /**
      * Replaces WorkerThread.run's call of aggregator.getRequest(workerId, state); also tells
-     * IdleDispatch the size of the batch taken.
+     * IdleDispatch the batch taken.
      */
     public static BaseModelRequest getRequest(
             BatchAggregator aggregator, String workerId, WorkerState state)
@@ -59,7 +59,7 @@ public final class GracefulScaleDown {
         f.inGetRequest = true;
         try {
             BaseModelRequest request = aggregator.getRequest(workerId, state);
-            IdleDispatch.dispatched(aggregator.model, aggregator.jobs.size());
+            IdleDispatch.dispatched(aggregator.model, aggregator.jobs.values());
             return request;
         } catch (InterruptedException e) {
             if (f.draining) {
