@@ -14,6 +14,9 @@ archive (``training/archive.py --backend``; ONNX export and int8 calibration hap
      served / limit compares serving with the same cores' work); plus its warm-up cost (runner
      construction + first calls) and its top-1 accuracy on ``--accuracy-dir`` (skipped when
      ``--crop-size`` serves at another resolution than the model was trained at);
+  2. next to each served back-end's sweep, the limit again and, with one worker, the in-process
+     pipeline: the handler's decode, resize, crop and normalize before the same forward
+     (``pipeline_limit``), so that served / pipeline isolates what the server itself costs.
 Then one real TorchServe serves the ``--serve`` archives (our handler, batchSize
 ``--batch-size``, maxBatchDelay ``--max-batch-delay``, ``--workers`` x ``--threads``) and, with
 ``--stock``, TorchServe's stock ``image_classifier`` handler on the same weights with default
@@ -81,6 +84,31 @@ def in_process_limit(runner, batch: torch.Tensor, seconds: float) -> dict:
             elapsed = time.perf_counter() - start
         out[bs] = {"images_per_s": round(n * bs / elapsed, 2), "ms_per_batch": round(1000 * elapsed / n, 2)}
     return out
+
+
+def pipeline_limit(runner, transform, images: list[bytes], batch_size: int, seconds: float) -> dict:
+    """The worker's work per batch without the server: each image decoded, resized and cropped
+    (``EvalTransform.load_pixels``, as the handler's ``preprocess`` does), the batch stacked,
+    normalized, run and softmaxed, ``batch_size`` images at a time cycling through ``images``
+    (encoded bytes). Served / this figure is the share the frontend, the worker protocol and the
+    load generator leave; served / ``in_process_limit`` also charges the preprocessing.
+
+    Returns:
+        ``{"images_per_s", "ms_per_batch"}`` (wall time, this process's intra-op threads).
+    """
+    def one(i: int) -> None:
+        pixels = torch.stack([transform.load_pixels(images[(i * batch_size + j) % len(images)])
+                              for j in range(batch_size)])
+        runner(transform.normalize(pixels)).float().softmax(dim=1)
+    with torch.inference_mode():
+        one(0)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            n += 1
+            one(n)
+        elapsed = time.perf_counter() - start
+    return {"images_per_s": round(n * batch_size / elapsed, 2),
+            "ms_per_batch": round(1000 * elapsed / n, 2)}
 
 
 def _limit_process(backend: str, checkpoint: str, model_dir: str, threads: int, batch_path: str,
@@ -174,7 +202,9 @@ def to_markdown(result: dict) -> str:
             lines.append(f"(in-process next to this sweep, {cfg['workers']} runner(s) x "
                          f"{cfg['threads']} threads: batch 1 {again['1']['images_per_s']} images/s "
                          f"({again['1']['ms_per_batch']} ms), batch {cfg['batch_size']} "
-                         f"{again[str(cfg['batch_size'])]['images_per_s']} images/s)")
+                         f"{again[str(cfg['batch_size'])]['images_per_s']} images/s"
+                         + (f"; with decode and preprocessing (pipeline) {again['pipeline']['images_per_s']}"
+                            " images/s" if "pipeline" in again else "") + ")")
         lines += ["", "| concurrency | images/s | p50 ms | p90 ms | p99 ms | queue ms | errors "
                   "| preprocess ms/image | inference ms/batch | images/batch | model busy % "
                   "| client CPU ms/request |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -200,6 +230,9 @@ def ratios(result: dict, batch_size: int) -> dict:
             limit = limits[backend].get("limit_at_sweep", limits[backend]["limit"])
             peak = max(p["images_per_s"] for p in sweep)
             out[f"{label} peak / in-process limit"] = round(peak / limit[bs]["images_per_s"], 2)
+            if "pipeline" in limit:
+                out[f"{label} peak / in-process pipeline (decode, preprocess, forward)"] = round(
+                    peak / limit["pipeline"]["images_per_s"], 2)
             c1 = at(label, 1)
             if c1:
                 out[f"{label} p50 at concurrency 1 - batch-1 forward (ms)"] = round(
@@ -268,10 +301,14 @@ def run(args) -> dict:
             zipfile.ZipFile(mar).extractall(model_dir)
             runner, warmup_s = timed_runner(backend, checkpoint, model_dir, args.threads, batch)
 
-            def limit(runner=runner, backend=backend, model_dir=model_dir):
+            def limit(runner=runner, backend=backend, model_dir=model_dir, pipeline=False):
                 if args.workers == 1:
                     torch.set_num_threads(args.threads)
-                    return in_process_limit(runner, batch, args.limit_seconds)
+                    out = in_process_limit(runner, batch, args.limit_seconds)
+                    if pipeline:
+                        out["pipeline"] = pipeline_limit(runner, transform, images,
+                                                         args.batch_size, args.limit_seconds)
+                    return out
                 return parallel_limit(backend, checkpoint, model_dir, args.threads, batch,
                                       args.limit_seconds, args.workers, args.retain_heap_mb)
             entry = {"archive_s": archive_s, "warmup_s": warmup_s, "limit": limit()}
@@ -300,7 +337,7 @@ def run(args) -> dict:
                     if backend in limit_again:
                         # again, next to the sweep: on a shared machine the speed drifts by
                         # 10-20 % over minutes; the ratios use this figure
-                        limit = limit_again.pop(backend)()
+                        limit = limit_again.pop(backend)(pipeline=True)
                         result["backends"][backend]["limit_at_sweep"] = json.loads(json.dumps(limit))
                         print(f"{backend} in-process, next to the sweep: {json.dumps(limit)}", flush=True)
                     result["sweeps"][label] = []

@@ -65,6 +65,10 @@ def test_benchmark_smoke(tmp_path):
     c8 = {label: next(p for p in sweep if p["concurrency"] == 8) for label, sweep in saved["sweeps"].items()}
     assert ratios["ours:onnxruntime peak / in-process limit"] == round(
         max(p["images_per_s"] for p in ours) / limits["onnxruntime"]["limit_at_sweep"]["4"]["images_per_s"], 2)
+    pipeline = limits["onnxruntime"]["limit_at_sweep"]["pipeline"]  # decode + preprocess + forward
+    assert 0 < pipeline["images_per_s"] < limits["onnxruntime"]["limit_at_sweep"]["4"]["images_per_s"]
+    assert ratios["ours:onnxruntime peak / in-process pipeline (decode, preprocess, forward)"] == round(
+        max(p["images_per_s"] for p in ours) / pipeline["images_per_s"], 2)
     assert ratios["ours:onnxruntime p50 at concurrency 1 - batch-1 forward (ms)"] == round(
         ours[0]["p50_ms"] - limits["onnxruntime"]["limit_at_sweep"]["1"]["ms_per_batch"], 1)
     assert ratios["ours:onnxruntime / stock at concurrency 8"] == round(
