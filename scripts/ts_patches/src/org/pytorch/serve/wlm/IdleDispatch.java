@@ -19,9 +19,9 @@
  *      and the frontend patch passes on one request per connection at a time). Once the batch
  *      holds as many jobs as that, it takes what is queued without waiting and goes. Clients in
  *      a closed loop (each sends its next request when it has its answer) are all back after a
- *      round trip, not after maxBatchDelay. A client that keeps its connection but pauses, or a
- *      job that is not an HTTP one (gRPC), leaves the count above what arrives, and the batch
- *      waits as upstream does.
+ *      round trip, not after maxBatchDelay. A client that keeps its connection but pauses leaves
+ *      the count above what arrives, and the batch waits as upstream does; so does a batch with
+ *      a job that is not an HTTP one (gRPC: no connection to count).
  * Under load the batches fill and nothing changes. The environment variable TS_IDLE_DISPATCH of
  * the frontend selects: "0" upstream, "idle" rule 1 alone, anything else (default) both.
  */
@@ -99,10 +99,11 @@ public final class IdleDispatch {
         return queue.poll(timeout, unit);
     }
 
-    /** Distinct clients expected in this batch, at most batchSize. */
+    /** Distinct clients expected in this batch, at most batchSize (batchSize when a job has
+     *  no HTTP connection). */
     static int expected(Model model, Map<String, Job> batch, Collection<Job> queue) {
         int full = Math.max(model.getBatchSize(), 1);
-        Set<Object> clients = new HashSet<>();
+        Set<Channel> clients = new HashSet<>();
         List<Channel> last = LAST_CLIENTS.get(model);
         if (last != null) {
             for (Channel c : last) {
@@ -112,21 +113,23 @@ public final class IdleDispatch {
             }
         }
         for (Job j : batch.values()) {
-            clients.add(client(j));
+            Channel c = channel(j);
+            if (c == null) {
+                return full; // not an HTTP job (gRPC): who comes back is unknown, wait as upstream
+            }
+            clients.add(c);
         }
         for (Job j : queue) { // a long queue: stop counting at a full batch
             if (clients.size() >= full) {
                 break;
             }
-            clients.add(client(j));
+            Channel c = channel(j);
+            if (c == null) {
+                return full;
+            }
+            clients.add(c);
         }
         return Math.min(clients.size(), full);
-    }
-
-    /** The job's connection, or the job itself when it has none we can read. */
-    private static Object client(Job job) {
-        Channel c = channel(job);
-        return c != null ? c : job;
     }
 
     private static Channel channel(Job job) {
