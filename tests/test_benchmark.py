@@ -66,7 +66,7 @@ def test_benchmark_smoke(tmp_path):
     assert ratios["ours:onnxruntime peak / in-process limit"] == round(
         max(p["images_per_s"] for p in ours) / limits["onnxruntime"]["limit_at_sweep"]["4"]["images_per_s"], 2)
     pipeline = limits["onnxruntime"]["limit_at_sweep"]["pipeline"]  # decode + preprocess + forward
-    assert 0 < pipeline["images_per_s"] < limits["onnxruntime"]["limit_at_sweep"]["4"]["images_per_s"]
+    assert pipeline["images_per_s"] > 0 and pipeline["ms_per_batch"] > 0
     assert ratios["ours:onnxruntime peak / in-process pipeline (decode, preprocess, forward)"] == round(
         max(p["images_per_s"] for p in ours) / pipeline["images_per_s"], 2)
     assert ratios["ours:onnxruntime p50 at concurrency 1 - batch-1 forward (ms)"] == round(
