@@ -70,6 +70,10 @@ def test_checkpoint_is_self_describing(trained):
     assert ckpt["preprocessing"]["crop_size"] == 32 and ckpt["preprocessing"]["resize_size"] == 37
     assert ckpt["head"] == {"hidden_units": 32, "dropout": 0.1}
     assert ckpt["args"]["val_fraction"] == 0.2 and "best_val_accuracy" in ckpt["metrics"]
+    # --amp auto's choice on this machine, with its reason (timings where bf16 is native)
+    amp = ckpt["metrics"]["amp"]
+    assert ckpt["args"]["amp"] == amp["mode"] == "auto" and amp["chosen"] in ("none", "bf16")
+    assert amp["reason"]
 
 
 def test_test_report_is_consistent(trained):
@@ -488,3 +492,62 @@ def test_learning_rate_warms_up_and_decays_every_batch():
     assert all(a > b for a, b in zip(factors[4:], factors[5:]))
     assert [train.lr_factor(s, steps_per_epoch=2, epochs=6, schedule="step", step_size=2,
                             gamma=0.5) for s in (0, 3, 4, 11)] == [1.0, 1.0, 0.5, 0.25]
+
+
+def _tiny_net():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_autocast_runs_the_training_forward_in_16_bits_and_keeps_float32_weights(dtype):
+    from torch.utils.data import DataLoader, TensorDataset
+    from training.amp import grad_scaler
+
+    torch.manual_seed(0)
+    model = _tiny_net()
+    seen = []
+    model[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+
+    def criterion(logits, labels):
+        losses.append(logits.dtype)
+        return torch.nn.functional.cross_entropy(logits, labels)
+    loader = DataLoader(TensorDataset(torch.randn(16, 3, 12, 12), torch.arange(16) % 3), batch_size=8)
+    device = torch.device("cpu")
+    # fp16 on a CPU only to run the GradScaler path GPUs take (train.main refuses it on a CPU)
+    scaler = torch.amp.GradScaler("cpu") if dtype is torch.float16 else grad_scaler(device, dtype)
+    out = train.train_one_epoch(model, loader, criterion, opt, device, "t", amp=dtype, scaler=scaler)
+    assert out["images"] == 16 and torch.isfinite(torch.tensor(out["loss"]))
+    assert seen == [dtype or torch.float32] * 2  # the convolution ran in the autocast type
+    assert losses == [torch.float32] * 2  # the loss is taken in float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_amp_auto_times_float32_and_bf16_and_leaves_the_model_as_it_was():
+    from training import amp
+
+    torch.manual_seed(0)
+    model = _tiny_net().train()  # batch norm in train mode: a forward moves its statistics
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 3
+    loss = torch.nn.functional.cross_entropy
+    dtype, record = amp.choose_amp("auto", model, x, y, loss, flags=["avx2", "amx_bf16"])
+    assert set(record["step_s"]) == {"none", "bf16"} and all(s > 0 for s in record["step_s"].values())
+    wins = record["step_s"]["none"] / record["step_s"]["bf16"] >= amp.MIN_SPEEDUP
+    assert (dtype, record["chosen"]) == ((torch.bfloat16, "bf16") if wins else (None, "none"))
+    assert record["chosen"] in record["reason"] or "float32" in record["reason"]
+    after = model.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)  # weights and running statistics
+    assert all(p.grad is None for p in model.parameters())
+    # no native bf16: nothing is timed
+    dtype, record = amp.choose_amp("auto", model, x, y, loss, flags=["avx2"])
+    assert dtype is None and "step_s" not in record and "amx_bf16" in record["reason"]
+    assert amp.choose_amp("none", model, x, y, loss)[0] is None
+    assert amp.choose_amp("bf16", model, x, y, loss)[0] is torch.bfloat16
+    with pytest.raises(ValueError, match="CUDA"):
+        amp.choose_amp("fp16", model, x, y, loss)

@@ -32,6 +32,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ from tqdm import tqdm
 from handler.backends import retain_heap
 from handler.preprocessing import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from handler.settings import DEFAULT_RETAIN_HEAP_MB
+from training.amp import AMP_CHOICES, DTYPES, autocast, choose_amp, grad_scaler
 from training.data import make_datasets
 from training.features import (DEFAULT_CS, cached_features, fit_linear_head, refit_linear_head,
                                weights_digest)
@@ -147,6 +149,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.25,
                    help="share of train/ held out (stratified) when val/ is missing")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                   help="mixed-precision training (autocast; evaluation stays float32): auto "
+                        "times a training step with and without bf16 (fp16 on GPUs without "
+                        "bf16) on this device and keeps the faster (training/amp.py)")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--retain-heap-mb", type=int, default=DEFAULT_RETAIN_HEAP_MB,
                    help="free CPU heap (MiB) glibc keeps between batches instead of unmapping "
@@ -178,10 +184,16 @@ def batch_mixing(mixup_alpha: float, cutmix_alpha: float, num_classes: int):
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer,
                     device: torch.device, desc: str, *, freeze_bn_stats: bool = False,
-                    mix=None, scheduler=None) -> dict:
+                    mix=None, scheduler=None, amp: Optional[torch.dtype] = None,
+                    scaler=None) -> dict:
     """One pass over ``loader``; ``scheduler`` (``make_scheduler``) steps after every batch.
     Returns ``{"loss", "accuracy"}`` (means over images; with ``mix`` (``batch_mixing``) the
     accuracy counts the unmixed label).
+
+    ``amp``: the forward pass runs under autocast to this type (``training/amp.py``; None:
+    float32); the loss is taken in float32. ``scaler``: the fp16 ``GradScaler``
+    (``amp.grad_scaler``), which scales the loss before the backward pass and skips a step
+    whose gradients overflowed.
 
     Batch norms of frozen stages always keep their statistics; with ``freeze_bn_stats`` all
     of them do (``models.freeze_batchnorm_stats``).
@@ -197,11 +209,17 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer,
         labels = targets
         if mix is not None:  # soft labels: class probabilities, which the loss accepts
             images, labels = mix(images, targets)
-        logits = model(images)
-        loss = criterion(logits, labels)
+        with autocast(device, amp):
+            logits = model(images)
+        loss = criterion(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         total_loss += loss.item() * len(targets)
@@ -400,6 +418,8 @@ def main(args) -> dict:
     if args.wise_ft != "none" and not (args.head_from_features and args.epochs > 0):
         raise ValueError("--wise-ft interpolates the fitted head's model and the fine-tuned one: "
                          "it needs --head-from-features and --epochs > 0")
+    if args.amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device; on a CPU use --amp bf16")
     out = args.output_dir
     eval_tf = eval_transform(args)
     logger.info("%s, weights %s, preprocessing %s, %s", args.arch, args.weights, eval_tf.to_dict(),
@@ -472,6 +492,10 @@ def main(args) -> dict:
         optimizer = make_optimizer(args, [g for g in groups if g["params"]])
         scheduler = make_scheduler(args, optimizer, len(train_loader))
         mix = batch_mixing(args.mixup_alpha, args.cutmix_alpha, len(classes))
+        amp, amp_record = choose_training_amp(args, model, eval_tf.crop_size, len(classes),
+                                             criterion, device)
+        scaler = grad_scaler(device, amp)
+        best_metrics["amp"] = amp_record
         scored = {}  # fine-tuning changes the model: score it again below
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
@@ -480,7 +504,7 @@ def main(args) -> dict:
             sampler.set_epoch(epoch)
         tr = train_one_epoch(train_model, train_loader, criterion, optimizer, device,
                              f"epoch {epoch}/{args.epochs}", freeze_bn_stats=args.freeze_bn_stats,
-                             mix=mix, scheduler=scheduler)
+                             mix=mix, scheduler=scheduler, amp=amp, scaler=scaler)
         steps += len(train_loader)
         if not lead:
             if _stop_from_rank0(False):
@@ -495,7 +519,8 @@ def main(args) -> dict:
                     epoch, tr["loss"], tr["accuracy"], va["loss"], va["accuracy"], row["epoch_s"])
         if va["accuracy"] > best_acc:
             best_acc = va["accuracy"]
-            best_metrics = {"best_val_accuracy": best_acc, "val_loss": va["loss"], "epoch": epoch}
+            best_metrics = {"best_val_accuracy": best_acc, "val_loss": va["loss"], "epoch": epoch,
+                            "amp": amp_record}
             torch.save(checkpoint(epoch, best_metrics), out / "checkpoint_best.pt")
         torch.save(checkpoint(epoch, {"val_accuracy": va["accuracy"]}), out / "checkpoint_last.pt")
         write_history(history, out)
@@ -551,6 +576,31 @@ def main(args) -> dict:
     if dist.is_initialized():
         dist.destroy_process_group()
     return best_metrics
+
+
+def choose_training_amp(args, model: nn.Module, crop_size: int, num_classes: int, criterion,
+                        device: torch.device) -> tuple[Optional[torch.dtype], dict]:
+    """``--amp``'s autocast type (``training.amp.choose_amp``), timed on rank 0 with a random
+    batch of the training shape (float32 [--batch-size, 3, crop_size, crop_size], channels_last:
+    speed does not depend on the values) in the mode training runs, and the same on every rank.
+    """
+    record = {"mode": args.amp, "chosen": "none", "reason": "rank 0's choice"}
+    if rank() == 0:
+        model.train()
+        freeze_batchnorm_stats(model, all_norms=args.freeze_bn_stats)
+        # the random state training draws from (dropout, MixUp) is left as it was
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            images = torch.randn(args.batch_size, 3, crop_size, crop_size, device=device)
+            images = images.contiguous(memory_format=torch.channels_last)
+            targets = torch.randint(0, num_classes, (args.batch_size,), device=device)
+            _, record = choose_amp(args.amp, model, images, targets, criterion)
+        logger.info("amp: %s", record["reason"])
+    if dist.is_initialized():
+        code = torch.tensor([("none", "bf16", "fp16").index(record["chosen"])],
+                            device=_comm_device())
+        dist.broadcast(code, 0)
+        record["chosen"] = ("none", "bf16", "fp16")[int(code.item())]
+    return DTYPES.get(record["chosen"]), record
 
 
 def _comm_device() -> torch.device:
