@@ -1,5 +1,5 @@
 /*
- * Java agent patching TorchServe 0.12's frontend at class-load time (ASM). Five changes:
+ * Java agent patching TorchServe 0.12's frontend at class-load time (ASM). Six changes:
  *
  * 1. WorkerThread: scale-down drains the removed worker's batch in flight (GracefulScaleDown).
  *    run(): BatchAggregator.getRequest(String, WorkerState) -> GracefulScaleDown.getRequest(...)
@@ -17,6 +17,9 @@
  *    request order and a registration check (Connections.configure, see Connections.java).
  * 5. NettyUtils.sendHttpResponse: a 4xx answer keeps the connection alive (0.12 closed it on
  *    every status >= 400, dropping requests pipelined behind it); 5xx still closes.
+ * 6. GRPCJob.response: a handler's status >= 400 for a gRPC inference call is sent as a gRPC
+ *    error status with our JSON message (GrpcErrors.respond, called at entry; 0.12 sent the
+ *    error JSON as a successful prediction).
  *
  * Loaded with -javaagent:build/ts-patches.jar (serving/server.py sets JAVA_TOOL_OPTIONS).
  */
@@ -51,6 +54,9 @@ public final class Agent implements ClassFileTransformer {
             "(Ljava/lang/String;Lorg/pytorch/serve/wlm/WorkerState;)"
                     + "Lorg/pytorch/serve/util/messages/BaseModelRequest;";
     static final String NETTY_UTILS = "org/pytorch/serve/util/NettyUtils";
+    static final String GRPC_JOB = "org/pytorch/serve/job/GRPCJob";
+    static final String RESPONSE_DESC =
+            "([BLjava/lang/CharSequence;ILjava/lang/String;Ljava/util/Map;)V";
     static final String SEND_ERROR_DESC =
             "(Lio/netty/channel/ChannelHandlerContext;"
                     + "Lio/netty/handler/codec/http/HttpResponseStatus;Ljava/lang/Throwable;)V";
@@ -95,7 +101,8 @@ public final class Agent implements ClassFileTransformer {
             ProtectionDomain domain,
             byte[] bytes) {
         if (!WORKER.equals(name) && !HTTP.equals(name) && !MODEL.equals(name)
-                && !MANAGEMENT.equals(name) && !INITIALIZER.equals(name) && !NETTY_UTILS.equals(name)) {
+                && !MANAGEMENT.equals(name) && !INITIALIZER.equals(name) && !NETTY_UTILS.equals(name)
+                && !GRPC_JOB.equals(name)) {
             return null;
         }
         try {
@@ -180,6 +187,28 @@ public final class Agent implements ClassFileTransformer {
                                             patched[0]++;
                                         }
                                         super.visitInsn(op);
+                                    }
+                                };
+                            }
+                            if (GRPC_JOB.equals(name) && method.equals("response")
+                                    && desc.equals(RESPONSE_DESC)) {
+                                // at entry: if (GrpcErrors.respond(this, body, statusCode)) return;
+                                return new MethodVisitor(Opcodes.ASM9, mv) {
+                                    @Override
+                                    public void visitCode() {
+                                        super.visitCode();
+                                        org.objectweb.asm.Label upstream = new org.objectweb.asm.Label();
+                                        super.visitVarInsn(Opcodes.ALOAD, 0);
+                                        super.visitVarInsn(Opcodes.ALOAD, 1);
+                                        super.visitVarInsn(Opcodes.ILOAD, 3);
+                                        super.visitMethodInsn(Opcodes.INVOKESTATIC, "tspatches/GrpcErrors",
+                                                "respond", "(Lorg/pytorch/serve/job/Job;[BI)Z", false);
+                                        super.visitJumpInsn(Opcodes.IFEQ, upstream);
+                                        super.visitInsn(Opcodes.RETURN);
+                                        super.visitLabel(upstream);
+                                        // the method's first frame: its arguments, an empty stack
+                                        super.visitFrame(Opcodes.F_SAME, 0, null, 0, null);
+                                        patched[0]++;
                                     }
                                 };
                             }
