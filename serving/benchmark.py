@@ -25,7 +25,9 @@ settings (batchSize 1, one worker per core, Resize 256 / CenterCrop 224). Each i
 (images/s), p50/p90/p99 latency (ms), errors and mean queue time (ms, TorchServe's
 ``ts_queue_latency_microseconds``).
 
-Writes ``benchmark.json`` and ``benchmark.md`` to ``--output-dir`` and prints the ratios:
+Writes ``benchmark.json``, ``benchmark.md`` and ``benchmark.png`` (``latency_throughput_figure``:
+p50 and p99 against throughput, one curve per sweep, each served back-end's in-process limit and
+pipeline marked) to ``--output-dir`` and prints the ratios:
 served eager peak / eager in-process limit, default back-end / stock at concurrency 8 (with both
 p99s), best back-end limit / eager limit, and p50 at concurrency 1 against the batch-1 forward
 time. Bounded (a fixed request count per point), loopback only. Figures only: nothing is asserted.
@@ -250,6 +252,66 @@ def ratios(result: dict, batch_size: int) -> dict:
     return out
 
 
+def latency_throughput_figure(result: dict):
+    """Latency against throughput, the serving trade-off in one picture (a matplotlib Figure).
+
+    One colour per sweep (``result["sweeps"]``): p50 latency (solid, markers labelled with the
+    concurrency) and p99 (dashed) against images/s, latency on a log axis in ms. For a served
+    back-end with a limit measured next to its sweep, vertical lines mark the in-process limit at
+    the served batch size (dotted) and the in-process pipeline (dash-dot, decode and preprocessing
+    included): how far the curve's right end is from them is served / limit and served / pipeline.
+
+    Args:
+        result: ``run``'s result (or ``benchmark.json`` loaded).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    config = result.get("config", {})
+    batch = str(config.get("batch_size", ""))
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for i, (label, sweep) in enumerate(result["sweeps"].items()):
+        colour = f"C{i}"
+        x = [p["images_per_s"] for p in sweep]
+        ax.plot(x, [p["p50_ms"] for p in sweep], marker="o", color=colour, label=label)
+        ax.plot(x, [p["p99_ms"] for p in sweep], linestyle="--", color=colour, alpha=0.6)
+        for p in sweep:
+            ax.annotate(f"c{p['concurrency']}", (p["images_per_s"], p["p50_ms"]),
+                        textcoords="offset points", xytext=(4, -10), fontsize=7, color=colour)
+        limit = result["backends"].get(label.removeprefix("ours:"), {}).get("limit_at_sweep")
+        if label.startswith("ours:") and limit:
+            if batch in limit:
+                ax.axvline(limit[batch]["images_per_s"], linestyle=":", color=colour)
+            if "pipeline" in limit:
+                ax.axvline(limit["pipeline"]["images_per_s"], linestyle="-.", color=colour,
+                           alpha=0.7)
+    ax.set_yscale("log")
+    ax.set_xlim(left=0)
+    ax.set_xlabel("throughput (images/s)")
+    ax.set_ylabel("latency (ms, log scale)")
+    ax.set_title(f"{config.get('arch', '')} {config.get('crop_size', '')} px, batchSize {batch}, "
+                 f"{config.get('workers', '')} worker(s) x {config.get('threads', '')} threads, "
+                 f"{config.get('images_per_request', 1)} image(s) per request", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.text(1.01, 0.0, f"solid: p50 (cN: N clients)\ndashed: p99\ndotted: in-process limit,\n"
+            f"  batch {batch}\ndash-dot: in-process pipeline\n  (decode + preprocess)",
+            transform=ax.transAxes, fontsize=8, va="bottom")
+    fig.tight_layout()
+    return fig
+
+
+def plot_benchmark(result: dict, path: Path) -> None:
+    """``latency_throughput_figure`` saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = latency_throughput_figure(result)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def run(args) -> dict:
     """Runs the benchmark ``scripts/benchmark.py``'s arguments describe.
 
@@ -358,5 +420,7 @@ def run(args) -> dict:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "benchmark.json").write_text(json.dumps(result, indent=2))
     (args.output_dir / "benchmark.md").write_text(to_markdown(result))
+    if result["sweeps"]:
+        plot_benchmark(result, args.output_dir / "benchmark.png")
     print(to_markdown(result))
     return result

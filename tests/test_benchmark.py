@@ -78,6 +78,30 @@ def test_benchmark_smoke(tmp_path):
     assert ratios["onnxruntime in-process / eager in-process (batch 4)"] == round(
         limits["onnxruntime"]["limit"]["4"]["images_per_s"] / limits["eager"]["limit"]["4"]["images_per_s"], 2)
     assert "| concurrency |" in (tmp_path / "out" / "benchmark.md").read_text()
+    assert (tmp_path / "out" / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_latency_throughput_figure_draws_every_point_and_the_limits():
+    point = lambda c, x, p50, p99: {"concurrency": c, "images_per_s": x, "p50_ms": p50, "p99_ms": p99}
+    result = {
+        "config": {"arch": "m", "crop_size": 224, "batch_size": 8, "workers": 1, "threads": 2},
+        "backends": {"onnxruntime-int8": {"limit_at_sweep": {"8": {"images_per_s": 500.0},
+                                                            "pipeline": {"images_per_s": 311.0}}}},
+        "sweeps": {"ours:onnxruntime-int8": [point(1, 139.0, 6.6, 13.4), point(16, 230.0, 63.7, 89.4)],
+                   "stock": [point(1, 20.0, 50.0, 60.0)]}}
+    from serving.benchmark import latency_throughput_figure
+
+    fig = latency_throughput_figure(result)
+    ax = fig.axes[0]
+    curves = {(tuple(line.get_xdata()), tuple(line.get_ydata())) for line in ax.lines}
+    assert ((139.0, 230.0), (6.6, 63.7)) in curves and ((139.0, 230.0), (13.4, 89.4)) in curves
+    assert ((20.0,), (50.0,)) in curves and ((20.0,), (60.0,)) in curves  # p50 and p99 of each sweep
+    verticals = {line.get_xdata()[0] for line in ax.lines if len(set(line.get_xdata())) == 1
+                 and len(line.get_xdata()) == 2}
+    assert {500.0, 311.0} <= verticals  # the limit and the pipeline of the served back-end
+    assert ax.get_yscale() == "log"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ours:onnxruntime-int8", "stock"]
+    assert {t.get_text() for t in ax.texts} >= {"c1", "c16"}
 
 
 def test_heap_ab_smoke():
