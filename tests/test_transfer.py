@@ -233,6 +233,26 @@ def test_features_are_extracted_once_then_read_from_the_cache(colour_folder, tmp
     assert backbone.images == 192  # a file changed: another entry
 
 
+def test_features_under_bf16_autocast_are_float32_close_to_fp32_and_cached_apart(
+        colour_folder, tmp_path):
+    from training.features import cached_features
+
+    dataset, tf = colour_folder
+    backbone = CountingBackbone()
+    dtypes = []
+    backbone.proj.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    kw = dict(preprocessing=tf.to_dict(), cache_dir=tmp_path / "cache", flip=False)
+    fp32 = cached_features(backbone, dataset, **kw)
+    bf16 = cached_features(backbone, dataset, amp=torch.bfloat16, **kw)
+    assert backbone.images == 48  # not the float32 entry: extracted again
+    assert set(dtypes) == {torch.float32, torch.bfloat16}  # the projection ran in bf16 the 2nd time
+    assert bf16.features.dtype == np.float32
+    np.testing.assert_allclose(bf16.features, fp32.features, rtol=0.02, atol=0.02)
+    assert not np.array_equal(bf16.features, fp32.features)
+    cached_features(backbone, dataset, amp=torch.bfloat16, **kw)
+    assert backbone.images == 48  # its own entry, read back
+
+
 def test_linear_head_reproduces_scikit_learn_and_chooses_c_on_val():
     from sklearn.linear_model import LogisticRegression
 

@@ -5,12 +5,13 @@ gradients) in a 16-bit type while the weights, the optimizer state and the loss 
 Whether that is faster depends on the hardware and the model, so ``--amp auto`` times one
 training step each way on this device and keeps autocast only when it wins by
 ``MIN_SPEEDUP``. Measured by it on 2 cores with AMX (Intel Xeon, ``amx_bf16``), a training step at
-batch 32 (docs/training.md, "Mixed-precision training"):
+batch 8 (docs/training.md, "Mixed-precision training"):
 
-* DenseNet121, 224 px: float32 3.68 s, bf16 autocast 1.88 s (1.96x): its convolutions are dense
+* DenseNet121, 224 px: float32 0.95 s, bf16 autocast 0.49 s (1.93x): its convolutions are dense
   1x1 and 3x3 ones, the kind AMX's bf16 tiles compute. ``auto`` trains it in bf16.
-* EfficientNet-Lite0, 160 px, ``--train-last 7``: float32 0.47 s, bf16 0.68 s (0.69x): its
-  depthwise convolutions and the casts around them gain nothing. ``auto`` keeps float32.
+* EfficientNet-Lite0, 160 px, ``--train-last 7``, frozen batch-norm statistics: float32 0.13 s,
+  bf16 0.22 s (0.57x): its depthwise convolutions and the casts around them gain nothing.
+  ``auto`` keeps float32.
 
 Without bf16 instructions (no ``avx512_bf16``/``amx_bf16``) bf16 is emulated and the serving
 back-end ran at 0.2x fp32 (``training/backend_choice.py``): ``auto`` does not try it there. On a
@@ -18,8 +19,10 @@ GPU ``auto`` times bf16 where the GPU supports it, else fp16 with a ``GradScaler
 narrow exponent needs the loss scaled so that small gradients do not flush to zero; torchvision's
 references/classification/train.py ``--amp`` does the same).
 
-Evaluation, the head fit, WiSE-FT and test-time augmentation stay in float32: the checkpoint is
-float32 and is served by the archive's own back-end choice.
+The type chosen for the training step is also the one ``--head-from-features`` extracts its
+features in (``training/features.py``; the cache keys them by it). Evaluation, WiSE-FT and
+test-time augmentation stay in float32: the checkpoint is float32 and is served by the
+archive's own back-end choice.
 """
 
 from __future__ import annotations
@@ -79,40 +82,52 @@ def candidate_dtypes(device: torch.device, flags: Optional[list[str]] = None) ->
 
 
 def step_seconds(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, criterion,
-                 dtype: Optional[torch.dtype], runs: int = 2) -> float:
-    """Median seconds of one training step's forward and backward pass, after one untimed run.
+                 dtypes: list[Optional[torch.dtype]], rounds: int = 3) -> list[float]:
+    """Median seconds of one training step's forward and backward pass for each of ``dtypes``.
+
+    Each type runs once untimed first (the first passes of a model pay for allocations and
+    oneDNN's kernel set-up: 267 ms against 145 ms for Lite0 at batch 8), then the types take
+    turns for ``rounds`` timed passes, so that a drift of the machine falls on all of them.
 
     The model is left as it was: no optimizer step, the gradients cleared, and every buffer
     (batch-norm running statistics, which a train-mode forward updates) restored.
 
     Args:
         model: in the mode training uses (``train()``, frozen norms as set).
-        images: float32 [B, 3, H, W] on the model's device, the training batch size.
+        images: float32 [B, 3, H, W] on the model's device.
         targets: int64 [B].
         criterion: the training loss.
-        dtype: autocast type, or None for float32.
-        runs: timed runs.
+        dtypes: autocast types, None for float32.
+        rounds: timed passes per type.
+
+    Returns:
+        seconds per pass, one per ``dtypes`` entry.
     """
     device = images.device
     saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
-    times = []
+
+    def once(dtype) -> float:
+        start = time.perf_counter()
+        with autocast(device, dtype):
+            logits = model(images)
+        criterion(logits.float(), targets).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    times = [[] for _ in dtypes]
     try:
-        for i in range(runs + 1):
-            start = time.perf_counter()
-            with autocast(device, dtype):
-                logits = model(images)
-            criterion(logits.float(), targets).backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                times.append(time.perf_counter() - start)
+        for dtype in dtypes:
+            once(dtype)
+        for _ in range(rounds):
+            for i, dtype in enumerate(dtypes):
+                times[i].append(once(dtype))
     finally:
         model.zero_grad(set_to_none=True)
         with torch.no_grad():
             for name, buf in model.named_buffers():
                 buf.copy_(saved[name])
-    times.sort()
-    return times[len(times) // 2]
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def choose_amp(mode: str, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
@@ -149,9 +164,8 @@ def choose_amp(mode: str, model: nn.Module, images: torch.Tensor, targets: torch
         return None, {"mode": mode, "chosen": "none",
                       "reason": f"no native 16-bit arithmetic on {device.type} "
                                 f"(CPU needs one of {', '.join(BF16_CPU_FLAGS)})"}
-    seconds = {"none": step_seconds(model, images, targets, criterion, None)}
-    for dtype in candidates:
-        seconds[NAMES[dtype]] = step_seconds(model, images, targets, criterion, dtype)
+    timed = step_seconds(model, images, targets, criterion, [None, *candidates])
+    seconds = dict(zip(["none", *(NAMES[dtype] for dtype in candidates)], timed))
     best = min(seconds, key=seconds.get)
     speedup = seconds["none"] / seconds[best]
     chosen = best if best != "none" and speedup >= MIN_SPEEDUP else "none"

@@ -24,6 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from training.amp import autocast
+
 logger = logging.getLogger(__name__)
 
 # Inverse L2 strengths tried for the logistic-regression head (scikit-learn's ``C``), on
@@ -74,23 +76,27 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def cache_key(weights: str, preprocessing: dict, files: Sequence[tuple[str, int]],
-              flip: bool) -> str:
+              flip: bool, amp: Optional[torch.dtype] = None) -> str:
     """The cache entry name: SHA-256 over the weights digest, preprocessing, each file's path,
-    size, mtime and label, and the augmentation. Any change gives another entry."""
+    size, mtime and label, the augmentation and the autocast type (``amp``; float32 features
+    keep the key they had before ``--amp`` existed). Any change gives another entry."""
     stats = []
     for path, label in files:
         st = Path(path).stat()
         stats.append([str(Path(path).resolve()), st.st_size, st.st_mtime_ns, label])
-    blob = json.dumps({"weights": weights, "preprocessing": preprocessing, "files": stats,
-                       "flip": flip}, sort_keys=True)
+    fields = {"weights": weights, "preprocessing": preprocessing, "files": stats, "flip": flip}
+    if amp is not None:
+        fields["amp"] = str(amp)
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 @torch.inference_mode()
 def extract(backbone: nn.Module, dataset: Dataset, *, flip: bool, batch_size: int = 32,
             workers: int = 0, device: torch.device = torch.device("cpu"),
-            desc: str = "features") -> Features:
-    """Runs ``backbone`` (eval mode) over ``dataset``.
+            desc: str = "features", amp: Optional[torch.dtype] = None) -> Features:
+    """Runs ``backbone`` (eval mode) over ``dataset``; under autocast to ``amp`` when given
+    (``training/amp.py``: the type ``--amp`` chose for training), features stored as float32.
 
     Args:
         backbone: maps float32 [B, 3, H, W] to float32 [B, F] (the model with its head set to
@@ -104,9 +110,10 @@ def extract(backbone: nn.Module, dataset: Dataset, *, flip: bool, batch_size: in
     feats, flipped, labels = [], [], []
     for images, targets in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):  # no bar off a terminal
         images = images.to(device).contiguous(memory_format=torch.channels_last)
-        feats.append(backbone(images).float().cpu())
-        if flip:
-            flipped.append(backbone(images.flip(3)).float().cpu())
+        with autocast(device, amp):
+            feats.append(backbone(images).float().cpu())
+            if flip:
+                flipped.append(backbone(images.flip(3)).float().cpu())
         labels.append(targets)
     return Features(torch.cat(feats).numpy(), torch.cat(flipped).numpy() if flip else None,
                     torch.cat(labels).numpy().astype(np.int64))
@@ -123,7 +130,8 @@ def cached_features(backbone: nn.Module, dataset: Dataset, *, preprocessing: dic
     """
     if cache_dir is None:
         return extract(backbone, dataset, flip=flip, **kwargs)
-    key = cache_key(weights or weights_digest(backbone), preprocessing, file_list(dataset), flip)
+    key = cache_key(weights or weights_digest(backbone), preprocessing, file_list(dataset), flip,
+                    kwargs.get("amp"))
     path = Path(cache_dir) / f"{key}.npz"
     if path.is_file():
         with np.load(path) as z:
