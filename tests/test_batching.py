@@ -171,7 +171,7 @@ def test_grpc_jobs_are_answered_and_their_batches_wait_no_longer_than_upstream(
 
 
 def test_a_bad_grpc_request_gets_an_error_status_and_its_batch_is_answered(
-        tmp_path, store, jpeg_bytes):
+        tmp_path, store, jpeg_bytes, capsys):
     # Three calls at once wait out the delay together (gRPC jobs: upstream batching), so one
     # batch holds the two photos and the bytes that are not an image.
     import grpc
@@ -197,3 +197,14 @@ def test_a_bad_grpc_request_gets_an_error_status_and_its_batch_is_answered(
         images, batches = batch_size_sum_and_count(ts)
         assert batches - batches_before <= 3, (images, batches)  # batched, not one by one
         assert "patched org/pytorch/serve/job/GRPCJob" in (ts.log_dir / "console.log").read_text()
+        # the command line: one answer per file, the error on stderr, exit status 1
+        from serving import grpc_client
+
+        (tmp_path / "good.jpg").write_bytes(jpeg_bytes)
+        (tmp_path / "bad.jpg").write_bytes(b"not an image")
+        status = grpc_client.main([str(tmp_path / "good.jpg"), str(tmp_path / "bad.jpg"),
+                                   "--address", f"127.0.0.1:{ts.props['grpc_inference_port']}",
+                                   "--model", MODEL, "--key-file", str(ts.workdir / "key_file.json")])
+    out, err = capsys.readouterr()
+    assert status == 1 and json.loads(out.split(": ", 1)[1]) == good
+    assert "bad.jpg: INVALID_ARGUMENT" in err and "cannot identify image" in err
