@@ -551,3 +551,18 @@ def test_amp_auto_times_float32_and_bf16_and_leaves_the_model_as_it_was():
     assert amp.choose_amp("bf16", model, x, y, loss)[0] is torch.bfloat16
     with pytest.raises(ValueError, match="CUDA"):
         amp.choose_amp("fp16", model, x, y, loss)
+
+
+def test_zero_epochs_without_a_head_fit_keeps_the_model_as_built(digits, tmp_path):
+    # what the benchmark's speed-only checkpoints are (an architecture with random weights)
+    args = train.get_args_parser().parse_args([
+        "--data-dir", str(digits), "--output-dir", str(tmp_path), "--arch", "mobilenet_v3_small",
+        "--epochs", "0", "--image-size", "32", "--workers", "0"])
+    metrics = train.main(args)
+    ckpt = torch.load(tmp_path / "checkpoint_best.pt", weights_only=True)
+    assert ckpt["epoch"] == 0 and metrics["epoch"] == 0 and 0 <= metrics["best_val_accuracy"] <= 1
+    assert not (tmp_path / "history.json").exists()  # no epoch ran
+    model = build_model("mobilenet_v3_small", 10)
+    model.load_state_dict(ckpt["model"])  # the architecture's own weights, strictly
+    report = json.loads((tmp_path / "test_report.json").read_text())
+    assert report["accuracy"] == metrics["test_accuracy"]

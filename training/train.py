@@ -483,6 +483,17 @@ def main(args) -> dict:
         if args.wise_ft != "none":
             head_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
+    if not args.head_from_features and args.epochs == 0 and lead:
+        # nothing to train: the model is kept as built (a pretrained backbone with a random head,
+        # or random weights), e.g. to measure an architecture's speed in the benchmark
+        va = evaluate(model, DataLoader(val_ds, shuffle=False, **loader_kw), criterion, device, "val")
+        best_acc = va["accuracy"]
+        best_metrics = {"best_val_accuracy": best_acc, "val_loss": va["loss"], "epoch": 0,
+                        "amp": amp_record}
+        torch.save(checkpoint(0, best_metrics), out / "checkpoint_best.pt")
+        logger.warning("--epochs 0 without --head-from-features: the model is saved as built, "
+                       "its head untrained (val accuracy %.4f)", best_acc)
+
     if args.epochs > 0:
         # one model over every rank: DDP broadcasts rank 0's weights (the fitted head) at start
         # and averages the gradients; each rank takes its shard of every epoch
