@@ -24,13 +24,14 @@ whose details hold our JSON message (``grpc.RpcError``; ``code()``, ``details()`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from serving.server import read_key
 
 PACKAGE = "org.pytorch.serve.grpc.inference"
 PREDICTIONS = f"/{PACKAGE}.InferenceAPIsService/Predictions"
@@ -96,9 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--key-file", type=Path, default=Path("key_file.json"),
                    help="TorchServe's key file (the inference key); skipped if missing")
     args = p.parse_args(argv)
-    key = None
-    if args.key_file.is_file():
-        key = json.loads(args.key_file.read_text())["inference"]["key"]
+    key = read_key(args.key_file, "inference")  # None without the file
     failed = 0
     with grpc.insecure_channel(args.address) as channel:
         for image in args.images:

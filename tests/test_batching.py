@@ -136,7 +136,7 @@ def grpc_seconds(ts, body: bytes, n: int) -> tuple[list[float], list[bytes]]:
     import grpc
     from serving.grpc_client import predict
 
-    key = ts.headers("inference")["Authorization"].split()[1]
+    key = ts.token("inference")
     times, answers = [], []
     with grpc.insecure_channel(f"127.0.0.1:{ts.props['grpc_inference_port']}") as channel:
         for _ in range(n):
@@ -178,7 +178,7 @@ def test_a_bad_grpc_request_gets_an_error_status_and_its_batch_is_answered(
     from serving.grpc_client import predict
 
     with running_server(tmp_path, store, [f"{MODEL}={MODEL}.mar"]) as ts:
-        key = ts.headers("inference")["Authorization"].split()[1]
+        key = ts.token("inference")
         images_before, batches_before = batch_size_sum_and_count(ts)
         with grpc.insecure_channel(f"127.0.0.1:{ts.props['grpc_inference_port']}") as channel:
             def call(body):

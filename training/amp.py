@@ -130,6 +130,15 @@ def step_seconds(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, 
     return [sorted(t)[len(t) // 2] for t in times]
 
 
+def check_mode(mode: str, device: torch.device) -> None:
+    """Raises ValueError for an unknown ``--amp`` mode, or ``fp16`` off CUDA (no fp16 autocast
+    training kernels worth having on a CPU; use bf16)."""
+    if mode not in AMP_CHOICES:
+        raise ValueError(f"--amp {mode!r}: choose one of {', '.join(AMP_CHOICES)}")
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device; on a CPU use --amp bf16")
+
+
 def choose_amp(mode: str, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                criterion, flags: Optional[list[str]] = None) -> tuple[Optional[torch.dtype], dict]:
     """The autocast type training uses for ``--amp mode``.
@@ -147,17 +156,13 @@ def choose_amp(mode: str, model: nn.Module, images: torch.Tensor, targets: torch
         only with ``auto`` on hardware with a candidate).
 
     Raises:
-        ValueError: an unknown ``mode``, or ``fp16`` on a CPU (no fp16 autocast training kernels
-            worth having there; use bf16).
+        ValueError: see ``check_mode``.
     """
-    if mode not in AMP_CHOICES:
-        raise ValueError(f"--amp {mode!r}: choose one of {', '.join(AMP_CHOICES)}")
     device = images.device
+    check_mode(mode, device)
     if mode == "none":
         return None, {"mode": mode, "chosen": "none", "reason": "--amp none"}
     if mode in DTYPES:
-        if mode == "fp16" and device.type != "cuda":
-            raise ValueError("--amp fp16 needs a CUDA device; on a CPU use --amp bf16")
         return DTYPES[mode], {"mode": mode, "chosen": mode, "reason": f"--amp {mode}"}
     candidates = candidate_dtypes(device, flags)
     if not candidates:

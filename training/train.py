@@ -46,7 +46,7 @@ from tqdm import tqdm
 from handler.backends import retain_heap
 from handler.preprocessing import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from handler.settings import DEFAULT_RETAIN_HEAP_MB
-from training.amp import AMP_CHOICES, DTYPES, autocast, choose_amp, grad_scaler
+from training.amp import AMP_CHOICES, DTYPES, autocast, check_mode, choose_amp, grad_scaler
 from training.data import make_datasets
 from training.features import (DEFAULT_CS, cached_features, fit_linear_head, refit_linear_head,
                                weights_digest)
@@ -421,8 +421,7 @@ def main(args) -> dict:
     if args.wise_ft != "none" and not (args.head_from_features and args.epochs > 0):
         raise ValueError("--wise-ft interpolates the fitted head's model and the fine-tuned one: "
                          "it needs --head-from-features and --epochs > 0")
-    if args.amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device; on a CPU use --amp bf16")
+    check_mode(args.amp, device)  # before minutes of feature extraction
     out = args.output_dir
     eval_tf = eval_transform(args)
     logger.info("%s, weights %s, preprocessing %s, %s", args.arch, args.weights, eval_tf.to_dict(),
@@ -616,10 +615,10 @@ def choose_training_amp(args, model: nn.Module, crop_size: int, num_classes: int
             _, record = choose_amp(args.amp, model, images, targets, criterion)
         logger.info("amp: %s", record["reason"])
     if dist.is_initialized():
-        code = torch.tensor([("none", "bf16", "fp16").index(record["chosen"])],
-                            device=_comm_device())
+        names = ("none", *DTYPES)
+        code = torch.tensor([names.index(record["chosen"])], device=_comm_device())
         dist.broadcast(code, 0)
-        record["chosen"] = ("none", "bf16", "fp16")[int(code.item())]
+        record["chosen"] = names[int(code.item())]
     return DTYPES.get(record["chosen"]), record
 
 
