@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, encode, scene
 from handler.backends import int8_weight_bits, make_runner, onnx_file
 from training.export import (batchnorm_as_depthwise_conv, classifier_layers, concat_groups,
-                             export_onnx,
+                             depthwise_stem_layers, export_onnx,
                              gate_int8_files, onnx_predictions, quantize_int8,
                              quantize_int8_files)
 from training.predict import load_classifier
@@ -213,6 +213,41 @@ def test_batchnorm_as_depthwise_conv_computes_the_same_function(tiny_densenet, t
     onnx.save(model, str(tmp_path / "dw.onnx"))
     out = _ort_session(tmp_path / "dw.onnx").run(None, {"images": images.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(out), logits, atol=1e-4, rtol=1e-4)
+
+
+def test_only_a_depthwise_separable_stem_stays_fp32(tiny_densenet, tmp_path):
+    """``depthwise_stem_layers``: MobileNetV2's stem conv and its first block (depthwise 3 x 3,
+    then the pointwise conv down to 16 channels) at the stem's resolution; nothing for
+    DenseNet, whose dense 7 x 7 stem is fastest in int8, even after its batch norms became
+    1 x 1 depthwise convs; and the int8 graph keeps exactly those convs in fp32."""
+    import onnx
+    import torchvision
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    def prepared(path):
+        out = tmp_path / f"{path.stem}.prepared.onnx"
+        quant_pre_process(str(path), str(out))
+        model = onnx.load(str(out))
+        batchnorm_as_depthwise_conv(model)
+        return model
+
+    dense = prepared(tiny_densenet[0])
+    assert any(n.name.endswith(".dw") for n in dense.graph.node)  # 1 x 1 depthwise: not counted
+    assert depthwise_stem_layers(dense) == []
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v2(num_classes=3).eval()
+    mobile = prepared(export_onnx(net, 64, tmp_path / "mobilenet.onnx"))
+    stem = depthwise_stem_layers(mobile)
+    assert [name.split("/")[2] for name in stem] == ["features.0", "features.1", "features.1"]
+    convs = {n.name: n for n in mobile.graph.node if n.op_type == "Conv"}
+    assert [dict((a.name, a.i) for a in convs[name].attribute)["group"] for name in stem] == [1, 32, 1]
+
+    images = torch.randn(8, 3, 64, 64)
+    int8 = onnx.load(str(quantize_int8(tmp_path / "mobilenet.onnx", tmp_path / "m.int8.onnx", images)))
+    producer = {o: n.op_type for n in int8.graph.node for o in n.output}
+    weights_dequantized = [producer.get(n.input[1]) == "DequantizeLinear"
+                           for n in int8.graph.node if n.op_type == "Conv"]
+    assert weights_dequantized[:3] == [False] * 3 and all(weights_dequantized[3:])
 
 
 def test_int8_densenet_runs_integer_end_to_end_and_concats_copy(tiny_densenet, tmp_path):

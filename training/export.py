@@ -234,7 +234,7 @@ def shared_concat_ranges(model_path: Path, reader, workdir: Path) -> dict[str, l
 
 
 def quantize_int8(fp32_path: Path, path: Path, calibration: torch.Tensor,
-                  weight_bits: int = 7) -> Path:
+                  weight_bits: int = 7, *, fp32_stem: bool = True) -> Path:
     """Static int8 quantization of an fp32 ONNX model with ONNX Runtime.
 
     QDQ format, per-channel symmetric int8 weights in ``weight_bits`` bits (7:
@@ -256,9 +256,10 @@ def quantize_int8(fp32_path: Path, path: Path, calibration: torch.Tensor,
     quantizing, the graph is prepared for ONNX Runtime's integer kernels:
     ``batchnorm_as_depthwise_conv`` (no fp32 islands) and ``shared_concat_ranges`` (concats
     copy instead of requantizing); the classifier's last layer stays fp32
-    (``classifier_layers``). DenseNet121 batch 8 on 2 AVX2 cores: 303 -> 182 ms at
-    224 px; plain quantization was 1.23x fp32 eager, this about 2x (README "How the int8 graph
-    is prepared" and "Benchmark").
+    (``classifier_layers``), and so does a depthwise-separable network's stem
+    (``depthwise_stem_layers``; ``fp32_stem=False`` quantizes it too, for comparison).
+    DenseNet121 batch 8 on 2 AVX2 cores: 303 -> 182 ms at 224 px; plain quantization was
+    1.23x fp32 eager, this about 2x (README "How the int8 graph is prepared" and "Benchmark").
 
     Returns:
         ``path``.
@@ -266,11 +267,12 @@ def quantize_int8(fp32_path: Path, path: Path, calibration: torch.Tensor,
     Raises:
         ValueError: ``weight_bits`` other than 7 or 8.
     """
-    return _quantize_int8_widths(fp32_path, {weight_bits: path}, calibration)[weight_bits]
+    return _quantize_int8_widths(fp32_path, {weight_bits: path}, calibration,
+                                 fp32_stem=fp32_stem)[weight_bits]
 
 
-def _quantize_int8_widths(fp32_path: Path, paths: dict[int, Path],
-                          calibration: torch.Tensor) -> dict[int, Path]:
+def _quantize_int8_widths(fp32_path: Path, paths: dict[int, Path], calibration: torch.Tensor,
+                          *, fp32_stem: bool = True) -> dict[int, Path]:
     """``quantize_int8`` into ``paths`` ({weight bits: path}), the graph prepared and its concat
     ranges calibrated once for all widths. Returns ``paths``."""
     import onnx
@@ -295,14 +297,78 @@ def _quantize_int8_widths(fp32_path: Path, paths: dict[int, Path],
         logger.info("int8: %d batch norms as depthwise convs", batchnorm_as_depthwise_conv(model))
         onnx.save(model, str(prepared))
         overrides = shared_concat_ranges(prepared, Reader(), Path(tmp))
+        stem = depthwise_stem_layers(model) if fp32_stem else []
+        if stem:
+            logger.info("int8: %d depthwise stem convolutions stay fp32", len(stem))
+        fp32_layers = classifier_layers(model) + stem
         for bits, path in paths.items():
             with _root_logger_at_least(logging.WARNING):
                 quantize_static(str(prepared), str(path), Reader(), quant_format=QuantFormat.QDQ,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 per_channel=True, reduce_range=bits == 7,
-                                nodes_to_exclude=classifier_layers(model),
+                                nodes_to_exclude=fp32_layers,
                                 extra_options={"TensorQuantOverrides": overrides})
     return paths
+
+
+def depthwise_stem_layers(model) -> list[str]:
+    """Names of the convolutions that ``quantize_int8`` keeps in fp32 at the front of a
+    depthwise-separable network: the stem and its first block, up to the block's narrowest
+    output, when that block is depthwise-separable; ``[]`` for any other network.
+
+    The rule, on a graph in topological order with inferred shapes (``quant_pre_process``):
+    take the leading convolutions whose output has the first convolution's height and width
+    (the stem's stride, the highest resolution in the network); cut after the one with the
+    fewest output channels (the latest on a tie: the cheapest tensor to quantize); return
+    them if they include a depthwise convolution (``group`` = input channels, a kernel
+    larger than 1x1; the 1x1 ones of ``batchnorm_as_depthwise_conv`` do not count).
+    tf_efficientnet_lite0 and MobileNetV2/V3: ``conv_stem``, ``blocks.0``'s depthwise and
+    pointwise convolutions (the cut is the 16-channel output at stride 2). DenseNet121,
+    ResNet, VGG: none.
+
+    Why: those three layers carry much of Lite0's int8 rounding error, and in ONNX Runtime
+    they are no faster in int8 (a 3-channel stem, a 32-channel depthwise at the highest
+    resolution). The demo's Lite0 (160 px, 64 val photos calibrating, 2 AMX cores), mean
+    KL(fp32 || int8) of the softmax over train / val photos: 8-bit weights 0.00076 / 0.00207
+    all int8, 0.00062 / 0.00147 with these in fp32; 7-bit 0.00253 / 0.00608 against 0.00076 /
+    0.00249; top-1 disagreements with fp32 on test (Intel's other collection) 8 -> 4 and
+    15 -> 7 of 750. Batch 8 took 7.8 ms against 8.4 (alternating runs). The same rule costs
+    25 % for DenseNet121's dense 7 x 7 ``conv0`` (73 -> 93 ms at batch 8, no fidelity gain on
+    random weights), hence the depthwise condition. The sensitivity of early depthwise layers
+    to per-tensor activation ranges: Sheng et al., "A Quantization-Friendly Separable
+    Convolution for MobileNets" (2018). docs/performance.md "int8 EfficientNet-Lite".
+
+    Args:
+        model: an ``onnx.ModelProto`` with shapes inferred (``value_info``).
+    """
+    from onnx import helper
+
+    graph = model.graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(graph.value_info) + list(graph.output) + list(graph.input)}
+    init = {t.name: list(t.dims) for t in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    if not convs or len(shapes.get(convs[0].output[0], [])) != 4:
+        return []
+    first = shapes[convs[0].output[0]][2:]
+    region = []
+    for node in convs:
+        shape = shapes.get(node.output[0], [])
+        if len(shape) != 4 or shape[2:] != first:
+            break
+        region.append(node)
+    channels = [shapes[n.output[0]][1] for n in region]
+    cut = max(i for i, c in enumerate(channels) if c == min(channels))
+    region = region[:cut + 1]
+
+    def depthwise(node) -> bool:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = init.get(node.input[1], [])  # [out, in / group, kH, kW]
+        in_shape = shapes.get(node.input[0], [])
+        return (len(weight) == 4 and weight[1] == 1 and weight[2] * weight[3] > 1
+                and len(in_shape) == 4 and attrs.get("group", 1) == in_shape[1] > 1)
+
+    return [n.name for n in region] if any(depthwise(n) for n in region) else []
 
 
 def classifier_layers(model) -> list[str]:
