@@ -175,6 +175,22 @@ def default_threads(num_threads: int, max_workers: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(max_workers, 1))
 
 
+def torch_threads(backend: str, threads: int, device: torch.device = torch.device("cpu")) -> int:
+    """PyTorch's intra-op threads in a worker that runs ``backend`` with ``threads`` threads:
+    ``threads`` for a torch back-end, 1 for an ONNX Runtime one on the CPU.
+
+    Why: with ONNX Runtime torch only preprocesses (stack, normalize, softmax), and after each
+    parallel region its OpenMP (libgomp) threads spin-wait before sleeping, on the cores ONNX
+    Runtime's own threads are about to use. Measured normalize + forward, 5 ms idle before each
+    run as between served requests (2 cores, Intel Xeon with AMX; alternating rounds, medians):
+    int8 DenseNet121 at 224 px, batch 1, 14.81 ms with torch on 2 threads against 13.55 on 1;
+    int8 Lite0 at 160 px, batch 8, 11.90 against 10.59 ms (normalize alone costs 0.25 ms more on
+    one thread there). Batch 8 of DenseNet121 and batch 1 of Lite0 tie. docs/performance.md
+    "torch's threads beside ONNX Runtime".
+    """
+    return 1 if backend in ONNX_FILES and device.type == "cpu" else threads
+
+
 def measure_throughput(run: Runner, example: torch.Tensor, *, min_runs: int = 5,
                        min_seconds: float = 1.0) -> float:
     """Images per second of ``run`` on ``example``: the median of timed runs.
@@ -307,4 +323,5 @@ def _onnxruntime_runner(path: str, device: torch.device, num_threads: int) -> Ru
     def run(x: torch.Tensor) -> torch.Tensor:
         logits = session.run(None, {name: x.detach().cpu().contiguous().numpy()})[0]
         return torch.from_numpy(logits).to(device)
+    run.session = session  # for inspection (its options, providers)
     return run

@@ -42,11 +42,11 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler.architectures import load_trained
 from handler.backends import (ONNX_FILES, default_threads, fastest, make_runner, onnx_file,
-                              retain_heap)
+                              retain_heap, torch_threads)
 from handler.explanations import explanation_answer, explanation_records, saliency
 from handler.payload import Batch, InternalError, TooManyImagesError, parse_request, protocol_of
 from handler.postprocessing import answer, error_answer, topk_records
-from handler.preprocessing import ClientError
+from handler.preprocessing import ClientError, intra_op_threads
 from handler.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
@@ -138,15 +138,17 @@ class ImageClassifierHandler(BaseHandler):
         onnx = onnx_file(self.backend, model_dir)  # int8: the weight width exact on this CPU
         self.model = make_runner(self.backend, model, onnx_path=onnx, device=self.device,
                                  num_threads=threads, example=example)
+        self.threads = threads  # the back-end's; torch's own may be fewer (torch_threads)
+        torch.set_num_threads(torch_threads(self.backend, threads, self.device))
         with torch.inference_mode():  # warm-up: first-call allocations happen here, not in a request
             self.model(example[:1])
             self.model(example)
         self._init_metrics(context)
         self.initialized = True
         logger.info("loaded %s (%d classes) on %s, backend %s%s (warm-up %.1f s), default topk "
-                    "%d, %d intra-op threads, %s", exported["arch"], len(self.labels), self.device,
-                    self.backend, f" ({os.path.basename(onnx)})" if onnx else "",
-                    time.perf_counter() - start, self.default_topk,
+                    "%d, %d intra-op threads (torch %d), %s", exported["arch"], len(self.labels),
+                    self.device, self.backend, f" ({os.path.basename(onnx)})" if onnx else "",
+                    time.perf_counter() - start, self.default_topk, threads,
                     torch.get_num_threads(), heap)
 
     @staticmethod
@@ -236,12 +238,15 @@ class ImageClassifierHandler(BaseHandler):
             try:
                 model = self._explanation_model()
                 chunk = self.settings.max_images_per_forward
-                for first in range(0, len(batch.pixels), chunk):
-                    pixels = batch.pixels[first:first + chunk].to(self.device)
-                    probs, maps = saliency(model, self.transform.normalize(pixels),
-                                           self.settings.explain_steps, self.settings.explain_grid)
-                    records += explanation_records(probs, maps, self.labels,
-                                                   self.transform.crop_size / self.transform.resize_size)
+                with intra_op_threads(self.threads):  # eager gradients, whatever the back-end
+                    for first in range(0, len(batch.pixels), chunk):
+                        pixels = batch.pixels[first:first + chunk].to(self.device)
+                        probs, maps = saliency(model, self.transform.normalize(pixels),
+                                               self.settings.explain_steps,
+                                               self.settings.explain_grid)
+                        records += explanation_records(
+                            probs, maps, self.labels,
+                            self.transform.crop_size / self.transform.resize_size)
             except Exception:  # an explanation bug must not fail the predictions of the batch
                 logger.exception("explanations failed for %d request(s)", len(batch.requests))
                 for idx, parsed in batch.requests.items():

@@ -223,24 +223,29 @@ def decode_image(data: bytes, *, draft_size: Optional[int] = None,
 
 
 @contextmanager
-def one_intra_op_thread():
-    """Runs the block on one PyTorch intra-op thread, then restores the thread count.
-
-    For per-image work (one resize: 0.25 ms): split over two OpenMP threads it gains nothing
-    on an idle machine (0.75 vs 0.78 ms per image, decode included), and where another process
-    holds the second core, as TorchServe's frontend and clients do, the parallel region waits
-    for its preempted half: 2.7 ms instead of 0.8 (2 cores, AVX-512). The count is process-wide
-    state: do not run this beside another thread's forward pass.
-    """
+def intra_op_threads(threads: int):
+    """Runs the block on ``threads`` PyTorch intra-op threads, then restores the count. The
+    count is process-wide state: do not run this beside another thread's forward pass."""
     before = torch.get_num_threads()
-    if before == 1:
+    if before == threads:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def one_intra_op_thread():
+    """``intra_op_threads(1)``: per-image work on one PyTorch intra-op thread.
+
+    For per-image work (one resize: 0.25 ms): split over two OpenMP threads it gains nothing
+    on an idle machine (0.75 vs 0.78 ms per image, decode included), and where another process
+    holds the second core, as TorchServe's frontend and clients do, the parallel region waits
+    for its preempted half: 2.7 ms instead of 0.8 (2 cores, AVX-512).
+    """
+    return intra_op_threads(1)
 
 
 # torch.nn.functional.interpolate modes with antialiasing (the PIL filters of the same names).

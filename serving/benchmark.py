@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from handler.backends import ONNX_FILES, make_runner, onnx_file, retain_heap
+from handler.backends import ONNX_FILES, make_runner, onnx_file, retain_heap, torch_threads
 from serving.inference import list_images
 from serving.load import sweep_point
 from serving.server import TorchServe, server_overrides
@@ -58,8 +58,9 @@ DEFAULT_BACKEND = "onnxruntime-int8"  # the back-end the archive's auto choice p
 
 
 def timed_runner(backend: str, checkpoint: Path, model_dir: Path, threads: int, batch: torch.Tensor):
-    """(runner, warm-up seconds): the handler's runner built from the archive's files."""
-    torch.set_num_threads(threads)
+    """(runner, warm-up seconds): the handler's runner built from the archive's files, and
+    torch's threads set as the worker sets them (``handler.backends.torch_threads``)."""
+    torch.set_num_threads(torch_threads(backend, threads))
     start = time.perf_counter()
     model = None
     if backend not in ONNX_FILES:
@@ -365,7 +366,7 @@ def run(args) -> dict:
 
             def limit(runner=runner, backend=backend, model_dir=model_dir, pipeline=False):
                 if args.workers == 1:
-                    torch.set_num_threads(args.threads)
+                    torch.set_num_threads(torch_threads(backend, args.threads))
                     out = in_process_limit(runner, batch, args.limit_seconds)
                     if pipeline:
                         out["pipeline"] = pipeline_limit(runner, transform, images,

@@ -254,6 +254,38 @@ def test_threads_default_to_the_cpus_shared_by_the_workers(tmp_path, three_class
         torch.set_num_threads(before)
 
 
+def test_torch_runs_on_one_thread_beside_onnx_runtime(tmp_path, three_class_checkpoint,
+                                                       jpeg_bytes, monkeypatch):
+    """With an ONNX Runtime back-end on the CPU, ONNX Runtime gets the worker's threads and
+    torch (which only preprocesses there) one, so that its spinning OpenMP threads do not hold
+    the cores ONNX Runtime is about to use (``handler.backends.torch_threads``); an
+    explanation (eager gradients) runs on the worker's threads again. Eager keeps them all."""
+    from handler import classifier_handler
+    before = torch.get_num_threads()
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return saliency(*args, **kwargs)
+    saliency = classifier_handler.saliency
+    monkeypatch.setattr(classifier_handler, "saliency", spy)
+    try:
+        for backend, torch_count in (("onnxruntime", 1), ("eager", 2)):
+            model_dir, cfg = _model_dir(tmp_path / backend, three_class_checkpoint,
+                                        "--backend", backend, "--num-threads", "2")
+            h = classifier_handler.ImageClassifierHandler()
+            h.initialize(_context(model_dir, cfg))
+            assert torch.get_num_threads() == torch_count and h.threads == 2
+            if backend == "onnxruntime":
+                assert h.model.session.get_session_options().intra_op_num_threads == 2
+            out, status = _run(h, model_dir, cfg, [{"body": jpeg_bytes}] * 2,
+                               [{}, {"explain": "True"}])
+            assert status == [200, 200] and out[1]["label"] == out[0][0]["label"]
+            assert seen.pop() == 2 and torch.get_num_threads() == torch_count
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_worker_heap_setting_comes_from_the_archive(tmp_path, three_class_checkpoint, monkeypatch):
     from handler import classifier_handler
     calls = []
