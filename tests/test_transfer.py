@@ -432,6 +432,7 @@ def _copy(model: nn.Module) -> nn.Module:
 def test_flip_average_serves_the_mean_probability_in_every_form(tmp_path):
     """FlipAverage: softmax of its output is the mean of the image's and its mirror's
     probabilities, in eager, in the exported ONNX graph and after int8 quantization."""
+    import onnx
     from handler.backends import make_runner
     from training.export import export_onnx, quantize_int8
 
@@ -451,6 +452,12 @@ def test_flip_average_serves_the_mean_probability_in_every_form(tmp_path):
         out = make_runner("onnxruntime", None, onnx_path=str(onnx_path), num_threads=1)(x[:n])
         torch.testing.assert_close(out.softmax(1), expected[:n], atol=1e-5, rtol=1e-4)
     int8 = quantize_int8(onnx_path, tmp_path / "model.int8.onnx", x)
+    # both passes share the stem's weights, and keep them fp32 (depthwise_stem_layers)
+    graph = onnx.load(str(int8)).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    fp32_convs = [n.name for n in graph.node
+                  if n.op_type == "Conv" and producer.get(n.input[1]) != "DequantizeLinear"]
+    assert len(fp32_convs) == 6 and sum("conv_stem" in name for name in fp32_convs) == 2
     out = make_runner("onnxruntime-int8", None, onnx_path=str(int8), num_threads=1)(x)
     # int8 on random weights and noise: the same top-1, probabilities within 0.2 (0.15 at most
     # on an AVX2-only CPU, whose integer kernels differ from VNNI's; under 0.1 on AVX-512 VNNI)

@@ -321,7 +321,8 @@ def depthwise_stem_layers(model) -> list[str]:
     (the stem's stride, the highest resolution in the network); cut after the one with the
     fewest output channels (the latest on a tie: the cheapest tensor to quantize); return
     them if they include a depthwise convolution (``group`` = input channels, a kernel
-    larger than 1x1; the 1x1 ones of ``batchnorm_as_depthwise_conv`` do not count).
+    larger than 1x1; the 1x1 ones of ``batchnorm_as_depthwise_conv`` do not count), with every
+    other convolution sharing their weights (the mirrored pass of ``FlipAverage``).
     tf_efficientnet_lite0 and MobileNetV2/V3: ``conv_stem``, ``blocks.0``'s depthwise and
     pointwise convolutions (the cut is the 16-channel output at stride 2). DenseNet121,
     ResNet, VGG: none.
@@ -368,7 +369,11 @@ def depthwise_stem_layers(model) -> list[str]:
         return (len(weight) == 4 and weight[1] == 1 and weight[2] * weight[3] > 1
                 and len(in_shape) == 4 and attrs.get("group", 1) == in_shape[1] > 1)
 
-    return [n.name for n in region] if any(depthwise(n) for n in region) else []
+    if not any(depthwise(n) for n in region):
+        return []
+    # a ``FlipAverage`` graph runs the network twice on shared weights: both stems stay fp32
+    weights = {n.input[1] for n in region}
+    return [n.name for n in convs if n.input[1] in weights]
 
 
 def classifier_layers(model) -> list[str]:
