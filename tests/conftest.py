@@ -65,6 +65,16 @@ def make_checkpoint(path: Path, classes: list[str], *, seed: int = 0, arch: str 
     return path
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Every test starts with the process's torch intra-op thread count: a handler initialized
+    in-process sets it for its back-end (one thread beside ONNX Runtime), and training's
+    timings (``--amp auto``) must not depend on which test ran before."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def jpeg_bytes() -> bytes:
     return encode(scene(seed=1), "JPEG", quality=90)

@@ -261,7 +261,6 @@ def test_torch_runs_on_one_thread_beside_onnx_runtime(tmp_path, three_class_chec
     the cores ONNX Runtime is about to use (``handler.backends.torch_threads``); an
     explanation (eager gradients) runs on the worker's threads again. Eager keeps them all."""
     from handler import classifier_handler
-    before = torch.get_num_threads()
     seen = []
 
     def spy(*args, **kwargs):
@@ -269,21 +268,18 @@ def test_torch_runs_on_one_thread_beside_onnx_runtime(tmp_path, three_class_chec
         return saliency(*args, **kwargs)
     saliency = classifier_handler.saliency
     monkeypatch.setattr(classifier_handler, "saliency", spy)
-    try:
-        for backend, torch_count in (("onnxruntime", 1), ("eager", 2)):
-            model_dir, cfg = _model_dir(tmp_path / backend, three_class_checkpoint,
-                                        "--backend", backend, "--num-threads", "2")
-            h = classifier_handler.ImageClassifierHandler()
-            h.initialize(_context(model_dir, cfg))
-            assert torch.get_num_threads() == torch_count and h.threads == 2
-            if backend == "onnxruntime":
-                assert h.model.session.get_session_options().intra_op_num_threads == 2
-            out, status = _run(h, model_dir, cfg, [{"body": jpeg_bytes}] * 2,
-                               [{}, {"explain": "True"}])
-            assert status == [200, 200] and out[1]["label"] == out[0][0]["label"]
-            assert seen.pop() == 2 and torch.get_num_threads() == torch_count
-    finally:
-        torch.set_num_threads(before)
+    for backend, torch_count in (("onnxruntime", 1), ("eager", 2)):  # conftest restores it
+        model_dir, cfg = _model_dir(tmp_path / backend, three_class_checkpoint,
+                                    "--backend", backend, "--num-threads", "2")
+        h = classifier_handler.ImageClassifierHandler()
+        h.initialize(_context(model_dir, cfg))
+        assert torch.get_num_threads() == torch_count and h.threads == 2
+        if backend == "onnxruntime":
+            assert h.model.session.get_session_options().intra_op_num_threads == 2
+        out, status = _run(h, model_dir, cfg, [{"body": jpeg_bytes}] * 2,
+                           [{}, {"explain": "True"}])
+        assert status == [200, 200] and out[1]["label"] == out[0][0]["label"]
+        assert seen.pop() == 2 and torch.get_num_threads() == torch_count
 
 
 def test_worker_heap_setting_comes_from_the_archive(tmp_path, three_class_checkpoint, monkeypatch):

@@ -334,7 +334,8 @@ def test_fast_path_head_scores_the_same_inside_the_full_model(digits, tmp_path):
 
     common = ["--data-dir", str(digits), "--arch", "tf_efficientnet_lite0", "--weights", "package",
               "--head-from-features", "--image-size", "32", "--no-feature-flips", "--workers", "0",
-              "--feature-cache", str(tmp_path / "cache"), "--head-cs", "0.01", "1.0"]
+              "--feature-cache", str(tmp_path / "cache"), "--head-cs", "0.01", "1.0",
+              "--amp", "none"]  # both runs extract the same features: no timed choice between them
     out = tmp_path / "head"
     metrics = train.main(train.get_args_parser().parse_args([*common, "--output-dir", str(out)]))
     table = json.loads((out / "head_fit.json").read_text())
