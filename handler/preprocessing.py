@@ -225,7 +225,14 @@ def decode_image(data: bytes, *, draft_size: Optional[int] = None,
 @contextmanager
 def intra_op_threads(threads: int):
     """Runs the block on ``threads`` PyTorch intra-op threads, then restores the count. The
-    count is process-wide state: do not run this beside another thread's forward pass."""
+    count is process-wide state: do not run this beside another thread's forward pass.
+
+    ``EvalTransform.pixels`` runs its per-image resize (0.25 ms) on one thread: split over two
+    OpenMP threads it gains nothing on an idle machine (0.75 vs 0.78 ms per image, decode
+    included), and where another process holds the second core, as TorchServe's frontend and
+    clients do, the parallel region waits for its preempted half: 2.7 ms instead of 0.8 (2
+    cores, AVX-512). An explanation runs its gradients on the worker's threads with it.
+    """
     before = torch.get_num_threads()
     if before == threads:
         yield
@@ -235,17 +242,6 @@ def intra_op_threads(threads: int):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def one_intra_op_thread():
-    """``intra_op_threads(1)``: per-image work on one PyTorch intra-op thread.
-
-    For per-image work (one resize: 0.25 ms): split over two OpenMP threads it gains nothing
-    on an idle machine (0.75 vs 0.78 ms per image, decode included), and where another process
-    holds the second core, as TorchServe's frontend and clients do, the parallel region waits
-    for its preempted half: 2.7 ms instead of 0.8 (2 cores, AVX-512).
-    """
-    return intra_op_threads(1)
 
 
 # torch.nn.functional.interpolate modes with antialiasing (the PIL filters of the same names).
@@ -336,7 +332,7 @@ class EvalTransform:
         c = self.crop_size
         new_w, new_h = self.resized_size(*img.size)
         left, top = int(round((new_w - c) / 2.0)), int(round((new_h - c) / 2.0))
-        with one_intra_op_thread():
+        with intra_op_threads(1):
             # HWC uint8 seen as NCHW is channels_last: the layout the vectorized uint8 kernel
             # reads fastest (0.44 against 0.58 ms from contiguous NCHW, 150 -> 256 px bicubic,
             # AVX2). It writes contiguous NCHW, so the crop below is a plain copy of rows: the

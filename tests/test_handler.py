@@ -241,17 +241,13 @@ def test_threads_default_to_the_cpus_shared_by_the_workers(tmp_path, three_class
     import os
 
     from handler.classifier_handler import ImageClassifierHandler
-    before = torch.get_num_threads()
     model_dir, cfg = _model_dir(tmp_path, three_class_checkpoint, "--max-workers", str(max_workers))
     assert cfg["handler"]["num_threads"] == 0
-    try:
-        ImageClassifierHandler().initialize(_context(model_dir, cfg))
-        assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) // max_workers)
-        cfg["handler"]["num_threads"] = 3
-        ImageClassifierHandler().initialize(_context(model_dir, cfg))
-        assert torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(before)
+    ImageClassifierHandler().initialize(_context(model_dir, cfg))  # conftest restores the count
+    assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) // max_workers)
+    cfg["handler"]["num_threads"] = 3
+    ImageClassifierHandler().initialize(_context(model_dir, cfg))
+    assert torch.get_num_threads() == 3
 
 
 def test_torch_runs_on_one_thread_beside_onnx_runtime(tmp_path, three_class_checkpoint,

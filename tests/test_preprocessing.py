@@ -193,12 +193,12 @@ def test_a_progressive_scan_bomb_is_refused_before_decoding():
 
 
 def test_per_image_work_runs_on_one_thread_and_restores_the_count(monkeypatch):
-    from handler.preprocessing import one_intra_op_thread
+    from handler.preprocessing import intra_op_threads
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         with pytest.raises(RuntimeError):
-            with one_intra_op_thread():
+            with intra_op_threads(1):
                 assert torch.get_num_threads() == 1
                 raise RuntimeError("inside")
         assert torch.get_num_threads() == 2
