@@ -278,13 +278,25 @@ def retain_heap(megabytes: int) -> bool:
         return False
 
 
-def onnxruntime_session_options(num_threads: int, spin_us: Optional[int] = 0):
-    """The workers' ``onnxruntime.SessionOptions``: ``num_threads`` intra-op threads (0: ONNX
-    Runtime's default), one inter-op thread, every graph optimization, and no busy-waiting.
+# The workers' bound on ONNX Runtime's spin-wait, microseconds. Measured on 2 cores (AMX Xeon),
+# one worker x 2 threads, alternating served runs (docs/performance.md "A 20 us spin"): int8
+# DenseNet121 at 224 px answered a lone client in 13.1-14.2 ms at p50 against 17.0-17.9 without
+# spinning and peaked at 90.2-92.5 images/s against 85.5-87.5; int8 Lite0 at 160 px 4.8-5.0
+# against 5.5-5.6 ms, peak 372-400 against 350-373. 10-50 us did as well; 5 us less well.
+WORKER_SPIN_US = 20
 
-    ``spin_us`` is for measurements (``scripts/bench_idle.py``): 0 (the workers') sets
-    ``session.intra_op.allow_spinning`` 0; None leaves ONNX Runtime's default spinning; N > 0
-    spins at most N microseconds (``session.intra_op.spin_duration_us``, ONNX Runtime >= 1.17).
+
+def onnxruntime_session_options(num_threads: int, spin_us: Optional[int] = WORKER_SPIN_US):
+    """The workers' ``onnxruntime.SessionOptions``: ``num_threads`` intra-op threads (0: ONNX
+    Runtime's default), one inter-op thread, every graph optimization, and a bounded spin.
+
+    Args:
+        num_threads: intra-op threads.
+        spin_us: how long an intra-op thread busy-waits for its next parallel section before it
+            sleeps, microseconds (``session.intra_op.spin_duration_us``, ONNX Runtime >= 1.17).
+            ``WORKER_SPIN_US`` (the workers'); 0 sets ``session.intra_op.allow_spinning`` 0
+            (never spin); None leaves ONNX Runtime's default spin (``scripts/bench_idle.py``
+            compares them).
     """
     import onnxruntime as ort
 
@@ -292,13 +304,13 @@ def onnxruntime_session_options(num_threads: int, spin_us: Optional[int] = 0):
     options.intra_op_num_threads = max(num_threads, 0)
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # No busy-waiting between runs: the worker decodes images and the frontend shares the
-    # cores. Measured (AVX2 VM, 2 cores, Lite0 int8 at 224 px, 8 images per request, alternating
-    # benchmark runs): with ONNX Runtime's default spinning the served peak was 118.0 and 117.6
-    # images/s against 137.8 and 162.1 without, although a lone batch-1 forward (160 px) after 20
-    # ms idle took 4.3-4.6 ms against 7.0 (the threads were still spinning, a core's worth of
-    # CPU). Spinning only within a run (session.force_spinning_stop) lost that gain too (8.3-9.0),
-    # and a spin bounded to 50 us served no better (docs/performance.md).
+    # Why bounded: between the graph's parallel sections a sleeping thread is woken through the
+    # kernel (int8 DenseNet121 at batch 1: 12.83 ms back to back without spinning, 10.16 with a
+    # 20 us spin), and after the run a short spin gives the cores back to the worker's decoding
+    # and to the frontend. ONNX Runtime's default spin kept a core busy between runs: served peak
+    # 118.0 and 117.6 images/s against 137.8 and 162.1 without spinning (AVX2 VM, Lite0 int8, 8
+    # images per request), and a 100 us spin added 0.5-0.9 ms to int8 Lite0's p50 at
+    # concurrency 1 (AMX machine) where 20 us took 0.7 ms off it.
     if spin_us == 0:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     elif spin_us is not None:

@@ -9,9 +9,9 @@ median wall ms of ``--runs`` batch-1 forward passes after each idle gap (``time.
 process's CPU seconds per second spent in ``run`` (at most the thread count while the threads
 sleep through the gaps; far more when one spins through them), and batch-8 images/s back to back.
 
-Settings: 1 thread; 2 threads without spinning (the worker's, ``handler.backends``); 2 threads
-with ONNX Runtime's default spinning; 2 threads spinning at most each ``--spin-us``
-(``session.intra_op.spin_duration_us``, ONNX Runtime >= 1.17). The graph is the archive's ONNX
+Settings: 1 thread; 2 threads without spinning; 2 threads with ONNX Runtime's default spinning;
+2 threads spinning at most each ``--spin-us`` (``session.intra_op.spin_duration_us``, ONNX
+Runtime >= 1.17; the workers' bound, ``handler.backends.WORKER_SPIN_US``, is marked). The graph is the archive's ONNX
 file this CPU serves (``handler.backends.onnx_file``); input random (speed only). Figures only.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from handler.backends import onnx_file, onnxruntime_session_options
+from handler.backends import WORKER_SPIN_US, onnx_file, onnxruntime_session_options
 
 
 def session(path: str, threads: int, spin_us: int | None):
@@ -80,14 +80,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         path = onnx_file(args.backend, tmp)
         settings = [("1 thread", 1, 0), ("2 threads, no spinning", 2, 0),
                     ("2 threads, default spinning", 2, None)]
-        settings += [(f"2 threads, spin <= {us} us", 2, us) for us in args.spin_us if us > 0]
+        settings += [(f"2 threads, spin <= {us} us" + (" (workers')" if us == WORKER_SPIN_US else ""),
+                      2, us) for us in args.spin_us if us > 0]
         print(f"{Path(path).name}, batch 1 at {args.crop_size} px: median ms (CPU s per busy s) "
               f"after each idle gap; batch 8 images/s back to back")
         for label, threads, spin_us in settings:
             r = measure(session(path, threads, spin_us), args.crop_size, args.runs, args.gaps_ms)
             rows.append({"setting": label, "file": Path(path).name, **r})
             gaps = ", ".join(f"{g:g} ms idle: {ms:.2f} ({cpu:.2f})" for g, (ms, cpu) in r["gap_ms"].items())
-            print(f"{label:30s} {gaps}; batch 8: {r['batch8_images_per_s']:.0f} images/s")
+            print(f"{label:40s} {gaps}; batch 8: {r['batch8_images_per_s']:.0f} images/s")
     return rows
 
 

@@ -254,7 +254,8 @@ def test_torch_runs_on_one_thread_beside_onnx_runtime(tmp_path, three_class_chec
                                                        jpeg_bytes, monkeypatch):
     """With an ONNX Runtime back-end on the CPU, ONNX Runtime gets the worker's threads and
     torch (which only preprocesses there) one, so that its spinning OpenMP threads do not hold
-    the cores ONNX Runtime is about to use (``handler.backends.torch_threads``); an
+    the cores ONNX Runtime is about to use (``handler.backends.torch_threads``), and ONNX
+    Runtime's own spin is bounded to 20 us (``handler.backends.WORKER_SPIN_US``); an
     explanation (eager gradients) runs on the worker's threads again. Eager keeps them all."""
     from handler import classifier_handler
     seen = []
@@ -270,8 +271,11 @@ def test_torch_runs_on_one_thread_beside_onnx_runtime(tmp_path, three_class_chec
         h = classifier_handler.ImageClassifierHandler()
         h.initialize(_context(model_dir, cfg))
         assert torch.get_num_threads() == torch_count and h.threads == 2
-        if backend == "onnxruntime":
-            assert h.model.session.get_session_options().intra_op_num_threads == 2
+        if backend == "onnxruntime":  # its threads, and their spin bounded (WORKER_SPIN_US)
+            options = h.model.session.get_session_options()
+            assert options.intra_op_num_threads == 2
+            assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+            assert options.get_session_config_entry("session.intra_op.spin_duration_us") == "20"
         out, status = _run(h, model_dir, cfg, [{"body": jpeg_bytes}] * 2,
                            [{}, {"explain": "True"}])
         assert status == [200, 200] and out[1]["label"] == out[0][0]["label"]
