@@ -309,8 +309,8 @@ def onnxruntime_session_options(num_threads: int, spin_us: Optional[int] = WORKE
     # 20 us spin), and after the run a short spin gives the cores back to the worker's decoding
     # and to the frontend. ONNX Runtime's default spin kept a core busy between runs: served peak
     # 118.0 and 117.6 images/s against 137.8 and 162.1 without spinning (AVX2 VM, Lite0 int8, 8
-    # images per request), and a 100 us spin added 0.5-0.9 ms to int8 Lite0's p50 at
-    # concurrency 1 (AMX machine) where 20 us took 0.7 ms off it.
+    # images per request). Bounded spins of 50 and 100 us served no better while torch's own
+    # threads still spun on both cores (before torch_threads); since then 20 us pays.
     if spin_us == 0:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     elif spin_us is not None:

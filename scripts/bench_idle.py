@@ -11,8 +11,9 @@ sleep through the gaps; far more when one spins through them), and batch-8 image
 
 Settings: 1 thread; 2 threads without spinning; 2 threads with ONNX Runtime's default spinning;
 2 threads spinning at most each ``--spin-us`` (``session.intra_op.spin_duration_us``, ONNX
-Runtime >= 1.17; the workers' bound, ``handler.backends.WORKER_SPIN_US``, is marked). The graph is the archive's ONNX
-file this CPU serves (``handler.backends.onnx_file``); input random (speed only). Figures only.
+Runtime >= 1.17; the workers' bound, ``handler.backends.WORKER_SPIN_US``, is marked). The graph
+is the archive's ONNX file this CPU serves (``handler.backends.onnx_file``); input random (speed
+only). Figures only.
 """
 
 from __future__ import annotations

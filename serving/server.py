@@ -143,6 +143,19 @@ def restartable(snapshot: Path, dest: Path) -> Path:
     return write_config(snapshot, dest, {"vmargs": vmargs})
 
 
+# Environment for the workers (the frontend passes its own on). libgomp, PyTorch's OpenMP on
+# Linux, spin-waits GOMP_SPINCOUNT rounds after each parallel region before its threads sleep:
+# 300000 by default, which kept a core busy for 5.4-6.0 ms after each eager Lite0 forward pass
+# (2 threads, 224 px, batch 1: CPU time in the 20 ms after it), while the worker answers and
+# the frontend and the client need that core. 10000 rounds end within 0.1 ms, and the forward
+# pass's own regions, microseconds apart, still find their threads awake. Measured served (2
+# cores, AMX Xeon, alternating benchmark runs): p50 at concurrency 1 minus the forward, bf16
+# Lite0 3.9 and 4.6 ms against 5.4 and 5.3; eager 5.0 and 5.0 against 8.2 and 4.9; peaks within
+# the runs' spread (docs/performance.md "libgomp's spin after a forward pass"). The container
+# entry point sets the same. A value in the caller's environment wins.
+WORKER_ENV = {"GOMP_SPINCOUNT": "10000"}
+
+
 @dataclass
 class TorchServe:
     """One TorchServe process tree.
@@ -203,9 +216,8 @@ class TorchServe:
         self.check_models()
         self._log_start = {name: path.stat().st_size for name in LOG_FILES
                            if (path := self.log_dir / name).is_file()}
-        env = dict(os.environ, TMPDIR=str(self.workdir), TEMP=str(self.workdir),
-                   LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir),
-                   **self.env)
+        env = {**WORKER_ENV, **os.environ, "TMPDIR": str(self.workdir), "TEMP": str(self.workdir),
+               "LOG_LOCATION": str(self.log_dir), "METRICS_LOCATION": str(self.log_dir), **self.env}
         if PATCHES_JAR.is_file():  # read by the JVM at startup, whichever config it is given
             env["JAVA_TOOL_OPTIONS"] = " ".join(
                 filter(None, [env.get("JAVA_TOOL_OPTIONS"), f"-javaagent:{PATCHES_JAR}"]))

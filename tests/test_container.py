@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from conftest import ROOT, build_archive, encode, image_entrypoint, make_checkpoint, scene
-from serving.server import read_properties, server_overrides, write_config
+from serving.server import WORKER_ENV, read_properties, server_overrides, write_config
 
 CONTAINER_KEYS = {"inference_address", "management_address", "metrics_address",
                   "grpc_inference_address", "grpc_management_address", "model_store",
@@ -53,3 +53,9 @@ def test_entrypoint_serves_the_model_store(tmp_path, disable_token):
         r = requests.put(f"{base}/predictions/m3", data=encode(scene()), timeout=30)
         assert r.status_code == (200 if disable_token else 401), r.text
         assert (tmp_path / "key_file.json").exists() != disable_token
+        if disable_token:  # the workers get the entry point's OpenMP spin (serving.server.WORKER_ENV)
+            import psutil
+            [model] = requests.get(f"{overrides['management_address']}/models/m3", timeout=10).json()
+            [worker] = model["workers"]
+            assert psutil.Process(worker["pid"]).environ()["GOMP_SPINCOUNT"] == \
+                WORKER_ENV["GOMP_SPINCOUNT"]
