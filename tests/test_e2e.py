@@ -190,7 +190,6 @@ def test_frontend_jvm_gets_the_vmargs_of_config_properties(server):
     assert len(java) == 1 and set(vmargs) <= set(java[0].cmdline())
 
 
-
 def test_workers_get_the_short_openmp_spin(server):
     """The worker process (started by the frontend) runs with serving.server.WORKER_ENV: libgomp
     reads GOMP_SPINCOUNT when PyTorch loads it, so it has to be in the worker's environment."""
@@ -199,6 +198,7 @@ def test_workers_get_the_short_openmp_spin(server):
     from serving.server import WORKER_ENV
     [worker] = server.workers(MODEL)
     assert psutil.Process(worker["pid"]).environ()["GOMP_SPINCOUNT"] == WORKER_ENV["GOMP_SPINCOUNT"]
+
 
 def test_an_archive_that_cannot_load_fails_the_start_with_the_workers_error(tmp_path):
     """A corrupt archive: start fails with the worker's own error, not after the READY timeout,

@@ -110,7 +110,7 @@ def batchnorm_as_depthwise_conv(model) -> int:
     (per-channel int8 weights hold each ``s`` to within 1/254 of its magnitude; the following
     ReLU is folded into the uint8 output's range) and the whole network stays int8 NHWC:
     DenseNet121 batch 8 on 2 AVX2 cores went from 48 to 25 ms at 64 px and from 303 to 206 ms
-    at 224 px (README "How the int8 graph is prepared").
+    at 224 px (docs/performance.md "How the int8 graph is prepared").
 
     Args:
         model: an ``onnx.ModelProto`` after shape inference (``quant_pre_process``); norms whose
@@ -259,7 +259,8 @@ def quantize_int8(fp32_path: Path, path: Path, calibration: torch.Tensor,
     (``classifier_layers``), and so does a depthwise-separable network's stem
     (``depthwise_stem_layers``; ``fp32_stem=False`` quantizes it too, for comparison).
     DenseNet121 batch 8 on 2 AVX2 cores: 303 -> 182 ms at 224 px; plain quantization was
-    1.23x fp32 eager, this about 2x (README "How the int8 graph is prepared" and "Benchmark").
+    1.23x fp32 eager, this about 2x (docs/performance.md "How the int8 graph is prepared" and
+    "Benchmark").
 
     Returns:
         ``path``.
@@ -337,7 +338,7 @@ def depthwise_stem_layers(model) -> list[str]:
     25 % for DenseNet121's dense 7 x 7 ``conv0`` (73 -> 93 ms at batch 8, no fidelity gain on
     random weights), hence the depthwise condition. The sensitivity of early depthwise layers
     to per-tensor activation ranges: Sheng et al., "A Quantization-Friendly Separable
-    Convolution for MobileNets" (2018). docs/performance.md "int8 EfficientNet-Lite".
+    Convolution for MobileNets" (2018). docs/performance.md "How the int8 graph is prepared".
 
     Args:
         model: an ``onnx.ModelProto`` with shapes inferred (``value_info``).
